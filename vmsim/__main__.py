@@ -1,0 +1,3 @@
+from vmsim.cli import main
+
+main()

@@ -1,0 +1,5 @@
+import sys
+
+from vmsim.guest.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Guest device drivers, registered on the virtio bus by id table."""

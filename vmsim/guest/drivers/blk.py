@@ -1,0 +1,377 @@
+"""virtio_blk, driver side (drivers/block/virtio_blk.c).
+
+A request is a chain: the 16-byte header (readable), the data buffers (readable for a write,
+writable for a read or get-id), and the one-byte status (writable). Each queue has a fixed set
+of request slots ("tags"), each with its header and status byte allocated once in guest
+memory, so submitting a request allocates nothing in guest RAM.
+
+Completion follows virtblk_done: disable callbacks, drain get_buf, re-enable and re-check.
+The driver may also busy-poll a queue for a short while after work (`poll_us`, like
+io_uring's or virtio_blk's poll queues) before it re-arms the interrupt; completions that
+arrive meanwhile need no interrupt at all.
+"""
+
+import errno
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from vmsim.abi import blk as B
+from vmsim.abi import features as F
+from vmsim.abi import ids
+from vmsim.guest.memory import DmaMemory
+from vmsim.guest.virtio.core import VirtioDevice, VirtioDriver
+from vmsim.guest.virtio.virtqueue import ENOSPC, Sg, Virtqueue
+
+log = logging.getLogger("vmsim.guest")
+
+EAGAIN = -errno.EAGAIN
+EROFS = -errno.EROFS
+EINVAL = -errno.EINVAL
+EIO = -errno.EIO
+ENODEV = -errno.ENODEV
+
+STATUS_PENDING = 0xFF          # what sync() reports if a request never completed
+SLOT = 32                      # bytes per request slot: header at 0, status at 16
+
+Callback = Callable[[int, Any], None]   # (status byte, the caller's argument)
+
+
+class BlkRequest:
+    """One request slot (a blk-mq tag with its pdu: struct virtblk_req)."""
+
+    __slots__ = ("arg", "callback", "hdr", "hdr_only", "hdr_sg", "in1", "out1", "queue",
+                 "status", "status_only", "status_sg", "tag")
+
+    def __init__(self, tag: int, queue: "BlkQueue", gpa: int, view: memoryview) -> None:
+        self.tag = tag
+        self.queue = queue
+        # struct virtio_blk_outhdr {le32 type; le32 ioprio; le64 sector} as two u64 words: the
+        # slot is 32-byte aligned, and the device reads it only after avail->idx publishes it.
+        self.hdr = view[0:B.OUTHDR_SIZE].cast("Q")
+        self.status = view[16:17]
+        self.hdr_sg = (gpa, B.OUTHDR_SIZE)
+        self.status_sg = (gpa + 16, 1)
+        self.hdr_only = (self.hdr_sg,)
+        self.status_only = (self.status_sg,)
+        # Reused scatter lists for the one-data-buffer case (the common one).
+        self.out1: list[Sg] = [self.hdr_sg, self.hdr_sg]
+        self.in1: list[Sg] = [self.status_sg, self.status_sg]
+        self.callback: Callback | None = None
+        self.arg: Any = None
+
+
+class BlkQueue:
+    """struct virtio_blk_vq: a request queue, its lock and its free slots."""
+
+    __slots__ = ("free", "lock", "slots", "slots_gpa", "vq")
+
+    def __init__(self, vq: Virtqueue) -> None:
+        self.vq = vq
+        # Re-entrant: completion callbacks run under it and may submit again.
+        self.lock = threading.RLock()
+        self.free: list[BlkRequest] = []
+        self.slots: list[BlkRequest] = []
+        self.slots_gpa = 0
+
+
+class VirtioBlk:
+    """struct virtio_blk: one probed disk."""
+
+    def __init__(self, vdev: VirtioDevice, dma: DmaMemory, poll_us: int) -> None:
+        self.vdev = vdev
+        self.dma = dma
+        self.poll_ns = poll_us * 1000
+        self.capacity = 0                      # in 512-byte sectors
+        self.blk_size = B.SECTOR_SIZE
+        self.seg_max = 1
+        self.readonly = False
+        self.has_flush = False
+        self.queues: list[BlkQueue] = []
+        self.serial = b""
+        self._plug = threading.local()
+        self.capacity_listeners: list[Callable[[int], None]] = []
+        self.removed = False
+
+    # ---- setup (virtblk_probe) -------------------------------------------------------------------
+    def init(self) -> int:
+        vdev = self.vdev
+        nvqs = 1
+        if vdev.has_feature(B.VIRTIO_BLK_F_MQ):
+            nvqs = max(1, vdev.cread(B.CFG_NUM_QUEUES, 2))
+        vqs = vdev.config.find_vqs(vdev, nvqs, [self._done] * nvqs,
+                                   [f"req.{i}" for i in range(nvqs)])
+        for vq in vqs:
+            q = BlkQueue(vq)
+            vq.priv = q
+            self.queues.append(q)
+        self.capacity = vdev.cread(B.CFG_CAPACITY, 8)
+        seg = vdev.cread_feature(B.VIRTIO_BLK_F_SEG_MAX, B.CFG_SEG_MAX, 4)
+        self.seg_max = seg if seg else 1
+        bs = vdev.cread_feature(B.VIRTIO_BLK_F_BLK_SIZE, B.CFG_BLK_SIZE, 4)
+        if bs:
+            if bs < B.SECTOR_SIZE or bs & (bs - 1):
+                log.warning("%s: invalid block size %d", vdev.name, bs)
+                return EINVAL
+            self.blk_size = bs
+        self.readonly = vdev.has_feature(B.VIRTIO_BLK_F_RO)
+        self.has_flush = vdev.has_feature(B.VIRTIO_BLK_F_FLUSH)
+        for q in self.queues:
+            self._alloc_slots(q)
+        vdev.device_ready()
+        return 0
+
+    def _alloc_slots(self, q: BlkQueue) -> None:
+        """The queue depth: one slot per descriptor with indirect descriptors, else half the
+        ring (a request takes at least 2 descriptors), as virtio_blk sizes its tag set."""
+        depth = q.vq.num_free
+        if not self.vdev.has_feature(F.VIRTIO_RING_F_INDIRECT_DESC):
+            depth //= 2
+        depth = max(1, depth)
+        gpa, view = self.dma.alloc(depth * SLOT, 64)
+        q.slots_gpa = gpa
+        for t in range(depth):
+            q.slots.append(BlkRequest(t, q, gpa + t * SLOT, view[t * SLOT:(t + 1) * SLOT]))
+        q.free = list(reversed(q.slots))
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.queues[0].slots) if self.queues else 0
+
+    # ---- submission (virtio_queue_rq) ------------------------------------------------------------
+    def submit(self, typ: int, sector: int, sgs: Sequence[Sg], callback: Callback, arg: Any,
+               qid: int = 0) -> int:
+        """Queue one request; `callback(status, arg)` runs on completion (interrupt thread).
+        Returns 0, EAGAIN when every slot or descriptor is busy (retry after a completion),
+        EROFS, EINVAL or EIO."""
+        if typ == B.VIRTIO_BLK_T_OUT and self.readonly:
+            return EROFS
+        if len(sgs) > self.seg_max:
+            return EINVAL
+        q = self.queues[qid]
+        plugged = getattr(self._plug, "queues", None)
+        with q.lock:
+            if not q.free:
+                return EAGAIN
+            req = q.free.pop()
+            hdr = req.hdr
+            hdr[0] = typ             # type, and ioprio 0 in the upper half
+            hdr[1] = sector
+            req.callback = callback
+            req.arg = arg
+            vq = q.vq
+            if typ == B.VIRTIO_BLK_T_OUT:
+                if len(sgs) == 1:
+                    out = req.out1
+                    out[1] = sgs[0]
+                else:
+                    out = [req.hdr_sg, *sgs]
+                err = vq.add_sgs(out, req.status_only, req)
+            elif sgs:
+                if len(sgs) == 1:
+                    inn = req.in1
+                    inn[0] = sgs[0]
+                else:
+                    inn = [*sgs, req.status_sg]
+                err = vq.add_sgs(req.hdr_only, inn, req)
+            else:
+                err = vq.add_sgs(req.hdr_only, req.status_only, req)
+            if err:
+                req.callback = req.arg = None
+                q.free.append(req)
+                return EAGAIN if err == ENOSPC else err
+            if plugged is not None:
+                plugged.add(q)
+                kick = False
+            else:
+                kick = vq.kick_prepare()
+        if kick:
+            vq.notify()
+        return 0
+
+    def read(self, sector: int, sgs: Sequence[Sg], callback: Callback, arg: Any = None,
+             qid: int = 0) -> int:
+        return self.submit(B.VIRTIO_BLK_T_IN, sector, sgs, callback, arg, qid)
+
+    def write(self, sector: int, sgs: Sequence[Sg], callback: Callback, arg: Any = None,
+              qid: int = 0) -> int:
+        return self.submit(B.VIRTIO_BLK_T_OUT, sector, sgs, callback, arg, qid)
+
+    def flush(self, callback: Callback, arg: Any = None, qid: int = 0) -> int:
+        return self.submit(B.VIRTIO_BLK_T_FLUSH, 0, (), callback, arg, qid)
+
+    def get_id(self, sg: Sg, callback: Callback, arg: Any = None, qid: int = 0) -> int:
+        return self.submit(B.VIRTIO_BLK_T_GET_ID, 0, (sg,), callback, arg, qid)
+
+    @contextmanager
+    def plug(self):
+        """blk_start_plug / blk_finish_plug: requests submitted inside are kicked once."""
+        outer = getattr(self._plug, "queues", None)
+        if outer is not None:
+            yield
+            return
+        self._plug.queues = queues = set()
+        try:
+            yield
+        finally:
+            self._plug.queues = None
+            for q in queues:
+                self._kick(q)
+
+    @staticmethod
+    def _kick(q: BlkQueue) -> None:
+        with q.lock:
+            kick = q.vq.kick_prepare()
+        if kick:
+            q.vq.notify()
+
+    def sync(self, typ: int, sector: int, sgs: Sequence[Sg], timeout: float = 10.0) -> int:
+        """Submit one request and wait for its status (for setup and tests, not hot paths)."""
+        done = threading.Event()
+        result = [STATUS_PENDING]
+
+        def cb(status: int, _arg: Any) -> None:
+            result[0] = status
+            done.set()
+
+        deadline = time.monotonic() + timeout
+        while True:
+            err = self.submit(typ, sector, sgs, cb, None)
+            if err != EAGAIN:
+                break
+            if time.monotonic() > deadline:
+                return EAGAIN
+            time.sleep(0.001)
+        if err:
+            return err
+        if not done.wait(timeout):
+            raise TimeoutError(f"{self.vdev.name}: request not completed in {timeout} s")
+        return result[0]
+
+    # ---- completion (virtblk_done) ---------------------------------------------------------------
+    def _done(self, vq: Virtqueue) -> None:
+        """virtblk_done: disable callbacks, complete what was used, re-enable, re-check.
+
+        Completions run under the queue's (re-entrant) lock, as in Linux; a completion
+        callback may submit again at once (the slot it freed), and those submissions are
+        plugged: one kick decision for the batch."""
+        q: BlkQueue = vq.priv
+        lock = q.lock
+        free = q.free
+        get_buf = vq.get_buf
+        poll_ns = self.poll_ns
+        poll_until = 0
+        plug = self._plug
+        plug.queues = kicks = set()
+        try:
+            while True:
+                n = 0
+                with lock:
+                    vq.disable_cb()
+                    while (r := get_buf()) is not None:
+                        req = r[0]
+                        cb = req.callback
+                        arg = req.arg
+                        status = req.status[0]
+                        req.callback = req.arg = None
+                        free.append(req)
+                        cb(status, arg)
+                        n += 1
+                if n:
+                    if kicks:
+                        for kq in kicks:
+                            self._kick(kq)
+                        kicks.clear()
+                    if poll_ns:
+                        poll_until = time.monotonic_ns() + poll_ns
+                    continue
+                if poll_until and time.monotonic_ns() < poll_until and not vq.broken:
+                    continue
+                with lock:
+                    if vq.enable_cb():
+                        break
+        finally:
+            plug.queues = None
+            for kq in kicks:
+                self._kick(kq)
+
+    # ---- teardown (virtblk_remove) ---------------------------------------------------------------
+    def in_flight(self) -> int:
+        return sum(len(q.slots) - len(q.free) for q in self.queues)
+
+    def remove(self) -> None:
+        """Reset the device (its queues stop), fail what it never used, delete the queues."""
+        vdev = self.vdev
+        self.removed = True
+        vdev.reset_device()
+        failed = []
+        for q in self.queues:
+            with q.lock:
+                while (req := q.vq.detach_unused_buf()) is not None:
+                    failed.append((req.callback, req.arg))
+                    req.callback = req.arg = None
+                    q.free.append(req)
+        for cb, arg in failed:
+            if cb is not None:
+                cb(B.VIRTIO_BLK_S_IOERR, arg)
+        vdev.config.del_vqs(vdev)
+        for q in self.queues:
+            if q.slots_gpa:
+                for r in q.slots:
+                    r.hdr.release()
+                    r.status.release()
+                self.dma.free(q.slots_gpa)
+        self.queues = []
+
+    def update_capacity(self) -> None:
+        """virtblk_update_capacity: re-read capacity after a config change."""
+        cap = self.vdev.cread(B.CFG_CAPACITY, 8)
+        if cap != self.capacity:
+            log.info("%s: capacity changed from %d to %d sectors", self.vdev.name,
+                     self.capacity, cap)
+            self.capacity = cap
+            for fn in self.capacity_listeners:
+                fn(cap)
+
+
+class BlkDriver(VirtioDriver):
+    """The virtio_blk driver registered on the bus."""
+
+    name = "virtio_blk"
+    id_table = ((ids.VIRTIO_ID_BLOCK, ids.VIRTIO_DEV_ANY_ID),)
+    feature_table = (B.VIRTIO_BLK_F_SEG_MAX, B.VIRTIO_BLK_F_RO, B.VIRTIO_BLK_F_BLK_SIZE,
+                     B.VIRTIO_BLK_F_FLUSH, B.VIRTIO_BLK_F_TOPOLOGY, B.VIRTIO_BLK_F_MQ)
+
+    def __init__(self, dma: DmaMemory, poll_us: Callable[[str], int] | None = None) -> None:
+        self.dma = dma
+        self.poll_us = poll_us or (lambda name: 0)
+
+    def validate(self, vdev: VirtioDevice) -> int:
+        """virtblk_validate: this driver needs config space access."""
+        if not hasattr(vdev.config, "get"):
+            return EINVAL
+        return 0
+
+    def probe(self, vdev: VirtioDevice) -> int:
+        blk = VirtioBlk(vdev, self.dma, self.poll_us(vdev.name))
+        vdev.priv = blk
+        err = blk.init()
+        if err:
+            vdev.config.del_vqs(vdev)
+            vdev.priv = None
+        return err
+
+    def remove(self, vdev: VirtioDevice) -> None:
+        blk: VirtioBlk | None = vdev.priv
+        if blk is not None:
+            blk.remove()
+        vdev.priv = None
+
+    def config_changed(self, vdev: VirtioDevice) -> None:
+        blk: VirtioBlk | None = vdev.priv
+        if blk is not None and not vdev.needs_reset:
+            blk.update_capacity()
+

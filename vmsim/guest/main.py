@@ -1,0 +1,253 @@
+"""The guest process: boot, probe the devices, run the workloads, report.
+
+It is started by the launcher with one end of a lifecycle channel, receives its part of the
+run's spec there, connects to its VM's trap socket on the host, and asks for the machine
+description (RAM, the MMIO device list, ioeventfds and irqfds: the device tree and what KVM
+would wire up). Then it behaves as a kernel would: registers drivers, probes each device
+through its transport, and runs the workloads until the launcher says stop.
+"""
+
+import argparse
+import logging
+import select
+import sys
+import time
+import traceback
+from typing import Any
+
+from vmsim.abi.endian import require_little_endian
+from vmsim.guest.drivers.blk import BlkDriver
+from vmsim.guest.memory import DmaMemory, GuestRAM
+from vmsim.guest.platform import IrqController, Platform
+from vmsim.guest.virtio.core import VirtioBus, VirtioDevice
+from vmsim.guest.virtio.mmio import MmioProbeError, VirtioMmio
+from vmsim.guest.workloads import Workload, WorkloadError
+from vmsim.guest.workloads.blk_bench import BlkBench
+from vmsim.guest.workloads.blk_verify import BlkVerify
+from vmsim.machine import proc, shm
+from vmsim.machine.eventfd import EventFd
+from vmsim.machine.stats import StatsRegion
+from vmsim.machine.wire import Channel, ChannelClosed
+
+log = logging.getLogger("vmsim.guest")
+
+WORKLOADS: dict[str, type] = {"blk-verify": BlkVerify, "blk-bench": BlkBench}
+DRAIN_TIMEOUT_S = 5.0
+PUBLISH_EVERY_MS = 100
+
+
+class HostGone(Exception):
+    """The host process closed the trap channel (it died or stopped)."""
+
+
+class Guest:
+    def __init__(self, spec: dict[str, Any], lch: Channel) -> None:
+        self.spec = spec
+        self.vm = spec["vm"]
+        self.lch = lch
+        self.trap: Channel | None = None
+        self.ram: GuestRAM | None = None
+        self.dma: DmaMemory | None = None
+        self.stats: StatsRegion | None = None
+        self.platform: Platform | None = None
+        self.irqc = IrqController()
+        self.bus = VirtioBus()
+        self.transports: dict[str, VirtioMmio] = {}
+        self.devices: dict[str, VirtioDevice] = {}
+        self.probe_errors: dict[str, str] = {}
+        self.workloads: list[Workload] = []
+        self.eventfds: list[EventFd] = []
+
+    # ---- boot ------------------------------------------------------------------------------------
+    def boot(self) -> None:
+        spec = self.spec
+        self.trap = self._connect(spec["control"])
+        desc, fds = self.trap.call(("boot",), timeout=30)
+        if not isinstance(desc, dict):
+            raise RuntimeError(f"host refused to boot this VM: {desc}")
+        ram = desc["ram"]
+        self.ram = GuestRAM(shm.open_map(ram["name"]), ram["base"])
+        self.dma = DmaMemory(self.ram)
+        self.stats = StatsRegion(shm.open_map(spec["stats"]))
+        self.platform = Platform(self.trap)
+        fd_of = {i: fd for i, fd in enumerate(fds)}
+        for e in desc["ioeventfds"]:
+            efd = EventFd(fd_of[e["fd"]])
+            self.eventfds.append(efd)
+            self.platform.bind_ioeventfd(e["addr"], e["data"], efd)
+        for e in desc["irqfds"]:
+            efd = EventFd(fd_of[e["fd"]])
+            self.eventfds.append(efd)
+            self.irqc.add_line(e["irq"], efd)
+        self.irqc.start()
+        poll = spec.get("driver_poll_us", {})
+        self.bus.register_driver(BlkDriver(self.dma, lambda name: int(poll.get(name, 0))))
+        for node in desc["mmio"]:
+            self._probe_mmio(node)
+
+    def _connect(self, path: str) -> Channel:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                return Channel.connect(path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def _queue_stats(self, dev: str):
+        recs = self.spec["queue_records"].get(dev, [])
+
+        def rec(i: int) -> memoryview | None:
+            return self.stats.queue(recs[i]) if i < len(recs) else None
+        return rec
+
+    def _probe_mmio(self, node: dict[str, Any]) -> None:
+        name = node["name"]
+        t = VirtioMmio(self.platform, self.irqc, self.dma, node["base"], node["irq"],
+                       self._queue_stats(name))
+        try:
+            rec = self.spec["device_records"].get(name)
+            vdev = t.probe(name, self.stats.device(rec) if rec is not None else None)
+        except MmioProbeError as e:
+            self.probe_errors[name] = str(e)
+            log.warning("%s: %s", name, e)
+            return
+        self.transports[name] = t
+        self.devices[name] = vdev
+        err = self.bus.register_device(vdev)
+        if err or vdev.driver is None:
+            self.probe_errors[name] = vdev.probe_error or f"probe failed ({err})"
+
+    # ---- workloads -------------------------------------------------------------------------------
+    def start_workloads(self) -> None:
+        recs = self.spec["workload_records"]
+        for w in self.spec["workloads"]:
+            cls = WORKLOADS.get(w["type"])
+            if cls is None:
+                raise WorkloadError(f"unknown workload type {w['type']!r}")
+            rec = recs.get(w["name"])
+            wl = cls(w["name"], w, self.devices, self.stats.workload(rec) if rec is not None
+                     else None, self.dma)
+            self.workloads.append(wl)
+        for wl in self.workloads:
+            wl.start()
+
+    def workloads_finished(self) -> bool:
+        return all(w.finished_event.is_set() for w in self.workloads)
+
+    def publish(self) -> None:
+        """Copy every running count into the stats region (from the main thread)."""
+        for w in self.workloads:
+            w.publish_stats()
+        for vdev in self.devices.values():
+            for vq in vdev.vqs:
+                vq.publish_stats()
+
+    # ---- run -------------------------------------------------------------------------------------
+    def wait_for_stop(self) -> None:
+        """Until the launcher says stop; tell it once when every workload has finished."""
+        p = select.poll()
+        p.register(self.lch.fileno(), select.POLLIN)
+        p.register(self.trap.fileno(), select.POLLRDHUP)
+        told_done = False
+        while True:
+            for fd, ev in p.poll(PUBLISH_EVERY_MS):
+                if fd == self.lch.fileno():
+                    msg = self.lch.recv_obj()
+                    if msg and msg[0] == "stop":
+                        return
+                elif ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                    raise HostGone("the host closed this VM's trap channel")
+            if self.irqc.error is not None:
+                raise RuntimeError(f"interrupt thread failed: {self.irqc.error!r}")
+            self.publish()
+            if not told_done and self.workloads and self.workloads_finished():
+                self.lch.send(("done",))
+                told_done = True
+
+    def shutdown(self) -> None:
+        """Stop the workloads, let what is in flight complete, remove the devices."""
+        for w in self.workloads:
+            w.stop()
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        for w in self.workloads:
+            if not w.idle_event.wait(max(0.0, deadline - time.monotonic())):
+                w.error(f"{w.in_flight} requests still in flight after {DRAIN_TIMEOUT_S} s")
+        self.publish()
+        for vdev in list(self.bus.devices):
+            self.bus.unregister_device(vdev)
+        for w in self.workloads:
+            w.close()
+        self.irqc.stop()
+
+    def report(self) -> dict[str, Any]:
+        devices = {}
+        for name, vdev in self.devices.items():
+            t = self.transports[name]
+            devices[name] = {
+                "driver": vdev.driver.name if vdev.driver else None,
+                "probe_error": self.probe_errors.get(name, ""),
+                "features": vdev.features,
+                "device_features": vdev.device_features,
+                "needs_reset": vdev.needs_reset,
+                "interrupts": t.interrupts,
+                "config_interrupts": t.config_interrupts,
+                "safety_polls": t.safety_polls,
+            }
+        for name, err in self.probe_errors.items():
+            devices.setdefault(name, {"driver": None, "probe_error": err})
+        return {"vm": self.vm, "devices": devices,
+                "workloads": {w.name: w.report() for w in self.workloads},
+                "exits": self.platform.exits if self.platform else 0,
+                "ioeventfd_writes": self.platform.ioeventfd_writes if self.platform else 0,
+                "irq": {"handled": self.irqc.handled, "unhandled": self.irqc.unhandled,
+                        "safety_wakeups": self.irqc.safety_wakeups}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="vmsim-guest")
+    ap.add_argument("--channel-fd", type=int, required=True)
+    args = ap.parse_args(argv)
+    proc.die_with_parent()
+    proc.ignore_sigint()
+    require_little_endian()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="vmsim guest %(message)s")
+    lch = Channel.from_fd(args.channel_fd)
+    try:
+        spec = lch.recv_obj(timeout=30)
+    except (ChannelClosed, TimeoutError) as e:
+        print(f"vmsim guest: no spec from the launcher: {e}", file=sys.stderr)
+        return 2
+    proc.set_name(f"vmsim-g-{spec['vm']}")
+    g = Guest(spec, lch)
+    try:
+        g.boot()
+        g.start_workloads()
+        lch.send(("running", {"devices": sorted(g.devices),
+                              "probe_errors": g.probe_errors}))
+        g.wait_for_stop()
+        g.shutdown()
+        lch.send(("report", g.report()))
+        return 0
+    except HostGone as e:
+        _send_error(lch, f"{spec['vm']}: {e}", g)
+        return 3
+    except ChannelClosed:
+        return 3   # the launcher went away; nothing to report to
+    except Exception as e:
+        tb = traceback.format_exc()
+        _send_error(lch, f"{spec['vm']}: {type(e).__name__}: {e}", g, tb)
+        return 2
+
+
+def _send_error(lch: Channel, msg: str, g: Guest, tb: str = "") -> None:
+    try:
+        rep = g.report()
+    except Exception:
+        rep = {}
+    try:
+        lch.send(("error", msg, tb, rep))
+    except ChannelClosed:
+        print(f"vmsim guest: {msg}", file=sys.stderr)

@@ -1,0 +1,170 @@
+"""The machine as the guest kernel sees it.
+
+- Register accesses (readl / writel ...) trap to the host: each is one synchronous request on
+  the trap channel, a VM exit, answered by the host's transport emulation.
+- Writes that match a registered ioeventfd (address and value, KVM's datamatch) do not exit:
+  they signal the eventfd the host polls, as KVM does for virtio notify registers.
+- Interrupts arrive on irqfds; the interrupt thread waits on them and runs the handlers that
+  drivers registered with request_irq, as a CPU takes an interrupt.
+"""
+
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable
+
+from vmsim.machine.eventfd import EventFd
+from vmsim.machine.wire import Channel
+
+log = logging.getLogger("vmsim.guest")
+
+# The interrupt thread's safety net: it wakes this often even without an interrupt and lets
+# each line's poll hook look for work a lost wake-up would have left (counted, expected 0).
+IRQ_SAFETY_TIMEOUT_MS = 20
+
+
+class TrapError(RuntimeError):
+    """The host refused or failed a trapped access (or went away)."""
+
+
+class Platform:
+    """Trapped register access and ioeventfd routing (the guest's view of the bus)."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self._ioeventfds: dict[tuple[int, int], EventFd] = {}
+        self.exits = 0
+        self.ioeventfd_writes = 0
+
+    def bind_ioeventfd(self, addr: int, datamatch: int, efd: EventFd) -> None:
+        self._ioeventfds[(addr, datamatch)] = efd
+
+    def unbind_ioeventfds(self, lo: int, hi: int) -> None:
+        for key in [k for k in self._ioeventfds if lo <= k[0] < hi]:
+            del self._ioeventfds[key]
+
+    def read(self, addr: int, width: int) -> int:
+        self.exits += 1
+        reply, _fds = self.channel.call(("r", addr, width))
+        if isinstance(reply, int):
+            return reply
+        raise TrapError(f"read of 0x{addr:x}: {reply}")
+
+    def write(self, addr: int, width: int, value: int) -> None:
+        efd = self._ioeventfds.get((addr, value))
+        if efd is not None and width == 4:
+            self.ioeventfd_writes += 1
+            efd.signal()
+            return
+        self.exits += 1
+        reply, _fds = self.channel.call(("w", addr, width, value))
+        if reply is not None:
+            raise TrapError(f"write of 0x{addr:x}: {reply}")
+
+    def readb(self, addr: int) -> int:
+        return self.read(addr, 1)
+
+    def readw(self, addr: int) -> int:
+        return self.read(addr, 2)
+
+    def readl(self, addr: int) -> int:
+        return self.read(addr, 4)
+
+    def writeb(self, addr: int, value: int) -> None:
+        self.write(addr, 1, value)
+
+    def writew(self, addr: int, value: int) -> None:
+        self.write(addr, 2, value)
+
+    def writel(self, addr: int, value: int) -> None:
+        self.write(addr, 4, value)
+
+
+class IrqLine:
+    __slots__ = ("efd", "handler", "irq", "name", "poll_hook")
+
+    def __init__(self, irq: int, efd: EventFd) -> None:
+        self.irq = irq
+        self.efd = efd
+        self.handler: Callable[[int], bool] | None = None
+        self.poll_hook: Callable[[], None] | None = None
+        self.name = ""
+
+
+class IrqController:
+    """Interrupt lines backed by irqfds, and the thread that takes them."""
+
+    def __init__(self) -> None:
+        self._lines: dict[int, IrqLine] = {}
+        self._by_fd: dict[int, IrqLine] = {}
+        self._ep = select.epoll()
+        self._wake = EventFd()
+        self._ep.register(self._wake.fileno(), select.EPOLLIN)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.handled = 0
+        self.unhandled = 0
+        self.safety_wakeups = 0
+        self.error: BaseException | None = None
+
+    def add_line(self, irq: int, efd: EventFd) -> None:
+        line = IrqLine(irq, efd)
+        self._lines[irq] = line
+        self._by_fd[efd.fileno()] = line
+        self._ep.register(efd.fileno(), select.EPOLLIN)
+
+    def request_irq(self, irq: int, handler: Callable[[int], bool], name: str,
+                    poll_hook: Callable[[], None] | None = None) -> None:
+        """Install `handler(irq) -> handled` on a line (one handler per line here)."""
+        line = self._lines.get(irq)
+        if line is None:
+            raise ValueError(f"no interrupt line {irq}")
+        if line.handler is not None:
+            raise ValueError(f"interrupt line {irq} is already used by {line.name}")
+        line.name = name
+        line.poll_hook = poll_hook
+        line.handler = handler
+
+    def free_irq(self, irq: int) -> None:
+        line = self._lines.get(irq)
+        if line is not None:
+            line.handler = None
+            line.poll_hook = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="vmsim-irq", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.signal()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                events = self._ep.poll(IRQ_SAFETY_TIMEOUT_MS / 1000)
+                if not events:
+                    self.safety_wakeups += 1
+                    for line in list(self._lines.values()):
+                        if line.poll_hook is not None:
+                            line.poll_hook()
+                    continue
+                for fd, _ in events:
+                    line = self._by_fd.get(fd)
+                    if line is None:
+                        continue
+                    line.efd.consume()
+                    handler = line.handler
+                    if handler is None:
+                        self.unhandled += 1
+                    elif handler(line.irq):
+                        self.handled += 1
+                    else:
+                        self.unhandled += 1
+        except BaseException as e:  # the guest's main thread reports it
+            log.exception("interrupt thread failed")
+            self.error = e
+            os.write(2, f"vmsim guest: interrupt thread failed: {e!r}\n".encode())

@@ -1,0 +1,195 @@
+"""The driver-side virtqueue interface: Linux's struct virtqueue and its API
+(include/linux/virtio.h, drivers/virtio/virtio_ring.c).
+
+A ring format (split here; packed alongside it later) implements the `*_impl` methods with the
+same names as Linux's `*_split` / `*_packed` functions; drivers call only the public API.
+Like Linux, a virtqueue is not locked: the driver serialises calls (its per-queue lock).
+
+Return conventions follow Linux: add_* return 0 or a negative errno (-ENOSPC when the ring is
+full, -EIO once the queue is broken); get_buf returns None when nothing is used.
+"""
+
+import errno
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from vmsim.abi import features as F
+from vmsim.machine.stats import Q
+
+ENOSPC = -errno.ENOSPC
+EIO = -errno.EIO
+
+Sg = tuple[int, int]  # (guest-physical address, length): one scatterlist entry
+
+
+class Virtqueue:
+    """struct virtqueue: one queue of a device, as its driver sees it."""
+
+    def __init__(self, index: int, name: str, num: int,
+                 callback: Callable[["Virtqueue"], None] | None,
+                 notify: Callable[["Virtqueue"], bool], stats: memoryview | None) -> None:
+        self.index = index
+        self.name = name
+        self.num = num                  # queue size (vring.num)
+        self.num_max = num
+        self.num_free = num
+        self.callback = callback
+        self._notify = notify           # the transport's notify (vp_notify / vm_notify)
+        self.broken = False
+        self.broken_reason = ""
+        self.vdev: Any = None
+        self.priv: Any = None           # the driver's per-queue data
+        self.stats = stats
+        # running counts, published to the stats record at batch boundaries
+        self.n_added = 0
+        self.n_kicks = 0
+        self.n_kicks_suppressed = 0
+        self.n_completed = 0
+        self.n_detached = 0
+        self.n_irqs = 0
+        self.n_spurious = 0
+        self.n_descs = 0
+        self.n_indirect = 0
+
+    # ---- the API (names as in Linux) -------------------------------------------------------------
+    def add_sgs(self, out_sgs: Sequence[Sg], in_sgs: Sequence[Sg], data: Any) -> int:
+        """virtqueue_add_sgs: expose a chain of readable then writable buffers; `data` is the
+        token get_buf returns for it (not None)."""
+        raise NotImplementedError
+
+    def add_outbuf(self, sgs: Sequence[Sg], data: Any) -> int:
+        """virtqueue_add_outbuf: buffers the device reads."""
+        return self.add_sgs(sgs, (), data)
+
+    def add_inbuf(self, sgs: Sequence[Sg], data: Any) -> int:
+        """virtqueue_add_inbuf: buffers the device writes."""
+        return self.add_sgs((), sgs, data)
+
+    def kick_prepare(self) -> bool:
+        """virtqueue_kick_prepare: whether the device must be notified of what was added."""
+        raise NotImplementedError
+
+    def notify(self) -> bool:
+        """virtqueue_notify: notify the device through the transport; False marks it broken."""
+        if self.broken:
+            return False
+        if not self._notify(self):
+            self.mark_broken("the transport failed to notify the device")
+            return False
+        return True
+
+    def kick(self) -> bool:
+        """virtqueue_kick: kick_prepare, then notify if needed."""
+        if self.kick_prepare():
+            return self.notify()
+        return True
+
+    def get_buf(self) -> tuple[Any, int] | None:
+        """virtqueue_get_buf: the next used buffer as (data token, bytes written), or None."""
+        raise NotImplementedError
+
+    def disable_cb(self) -> None:
+        """virtqueue_disable_cb: ask the device not to interrupt (a hint, not a guarantee)."""
+        raise NotImplementedError
+
+    def enable_cb_prepare(self) -> int:
+        """virtqueue_enable_cb_prepare: re-enable callbacks; returns an opaque value for poll."""
+        raise NotImplementedError
+
+    def poll(self, last_used_idx: int) -> bool:
+        """virtqueue_poll: whether buffers were used since enable_cb_prepare returned the value."""
+        raise NotImplementedError
+
+    def enable_cb(self) -> bool:
+        """virtqueue_enable_cb: re-enable callbacks; False if buffers are pending (the caller
+        must process them: the race the NAPI pattern re-checks)."""
+        return not self.poll(self.enable_cb_prepare())
+
+    def enable_cb_delayed(self) -> bool:
+        """virtqueue_enable_cb_delayed: re-enable callbacks after about 3/4 of the pending
+        buffers are used; False if that many are used already."""
+        raise NotImplementedError
+
+    def detach_unused_buf(self) -> Any:
+        """virtqueue_detach_unused_buf: take back a buffer the device never used (only after a
+        reset of the device or queue); None when none are left."""
+        raise NotImplementedError
+
+    def more_used(self) -> bool:
+        raise NotImplementedError
+
+    def callbacks_enabled(self) -> bool:
+        """Whether the driver currently asks for interrupts on this queue."""
+        raise NotImplementedError
+
+    def get_vring_size(self) -> int:
+        return self.num
+
+    def is_broken(self) -> bool:
+        return self.broken
+
+    # ---- interrupts ------------------------------------------------------------------------------
+    def vring_interrupt(self) -> bool:
+        """vring_interrupt: the transport's handler calls this; runs the callback if the
+        device used buffers. False (IRQ_NONE) when nothing was used: a spurious interrupt."""
+        if not self.more_used():
+            self.n_spurious += 1
+            return False
+        if self.broken:
+            return True
+        self.n_irqs += 1
+        self._event_triggered()
+        if self.callback is not None:
+            self.callback(self)
+        return True
+
+    def _event_triggered(self) -> None:
+        pass
+
+    # ---- state -----------------------------------------------------------------------------------
+    def mark_broken(self, reason: str) -> None:
+        """BAD_RING / virtio_break_device: stop using the queue."""
+        if not self.broken:
+            self.broken = True
+            self.broken_reason = reason
+
+    def publish_stats(self) -> None:
+        """Copy the running counts into the shared stats record. The data path never calls
+        this: the guest's main thread does, a few times a second and at the end, so counting
+        costs a request only the integer increments."""
+        s = self.stats
+        if s is None:
+            return
+        s[Q.ADDED] = self.n_added
+        s[Q.KICKS] = self.n_kicks
+        s[Q.KICKS_SUPPRESSED] = self.n_kicks_suppressed
+        s[Q.COMPLETED] = self.n_completed
+        s[Q.DETACHED] = self.n_detached
+        s[Q.IRQS] = self.n_irqs
+        s[Q.SPURIOUS] = self.n_spurious
+        s[Q.DESCS_ADDED] = self.n_descs
+        s[Q.INDIRECT_ADDED] = self.n_indirect
+        s[Q.NUM_FREE] = self.num_free
+
+    def in_flight(self) -> int:
+        return self.n_added - self.n_completed - self.n_detached
+
+    def release(self) -> None:
+        """Drop the views into guest RAM (the queue is being deleted)."""
+
+
+# The ring and transport features this guest's virtio ring code implements; the rest of the
+# transport range (bits 28..41) is cleared before negotiation completes.
+
+RING_FEATURES_SUPPORTED = frozenset({
+    F.VIRTIO_RING_F_INDIRECT_DESC,
+    F.VIRTIO_RING_F_EVENT_IDX,
+    F.VIRTIO_F_VERSION_1,
+})
+
+
+def vring_transport_features(vdev: Any) -> None:
+    """vring_transport_features: clear the transport bits the ring code does not know."""
+    for i in range(F.VIRTIO_TRANSPORT_F_START, F.VIRTIO_TRANSPORT_F_END):
+        if i not in RING_FEATURES_SUPPORTED:
+            vdev.clear_bit(i)

@@ -1,0 +1,5 @@
+import sys
+
+from vmsim.host.main import main
+
+sys.exit(main())

@@ -1,0 +1,110 @@
+"""Where a virtio-blk device keeps its data: a raw image file, or memory."""
+
+import mmap
+import os
+from collections.abc import Sequence
+
+
+class BlkBackend:
+    """Byte-addressed storage of a fixed size."""
+
+    size: int
+    description: str
+
+    def read_into(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        """Read from `offset` into the buffers, in order."""
+        raise NotImplementedError
+
+    def write_from(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        """Write the buffers, in order, at `offset`."""
+        raise NotImplementedError
+
+    def read_one(self, offset: int, ram: memoryview, at: int, length: int) -> None:
+        """Read `length` bytes from `offset` into ram[at:at+length] (one segment)."""
+        self.read_into(offset, (ram[at:at + length],))
+
+    def write_one(self, offset: int, ram: memoryview, at: int, length: int) -> None:
+        """Write ram[at:at+length] at `offset` (one segment)."""
+        self.write_from(offset, (ram[at:at + length],))
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class FileBackend(BlkBackend):
+    """A raw image file, read and written in place with preadv / pwritev straight between the
+    file and guest RAM (no copy through Python objects); flush is fsync."""
+
+    def __init__(self, path: str, size: int | None, readonly: bool, create: bool = True) -> None:
+        self.path = path
+        exists = os.path.exists(path)
+        if not exists and not create:
+            raise FileNotFoundError(path)
+        flags = os.O_RDONLY if readonly and exists else os.O_RDWR | os.O_CREAT
+        self.fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+        cur = os.fstat(self.fd).st_size
+        if size is not None and cur < size and not readonly:
+            os.ftruncate(self.fd, size)   # a sparse raw image of the configured size
+            cur = size
+        self.size = cur
+        self.description = f"file {path}"
+
+    def read_into(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        return os.preadv(self.fd, bufs, offset)
+
+    def write_from(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        return os.pwritev(self.fd, bufs, offset)
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class MemoryBackend(BlkBackend):
+    """Anonymous memory: a RAM disk (for benchmarks and scratch devices)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._mm = mmap.mmap(-1, max(size, 1))
+        self._mv = memoryview(self._mm)
+        self.description = "memory"
+
+    def read_into(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        mv = self._mv
+        done = 0
+        for b in bufs:
+            n = len(b)
+            b[:] = mv[offset:offset + n]
+            offset += n
+            done += n
+        return done
+
+    def write_from(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        mv = self._mv
+        done = 0
+        for b in bufs:
+            n = len(b)
+            mv[offset:offset + n] = b
+            offset += n
+            done += n
+        return done
+
+    def read_one(self, offset: int, ram: memoryview, at: int, length: int) -> None:
+        ram[at:at + length] = self._mv[offset:offset + length]
+
+    def write_one(self, offset: int, ram: memoryview, at: int, length: int) -> None:
+        self._mv[offset:offset + length] = ram[at:at + length]
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._mv.release()
+        self._mm.close()

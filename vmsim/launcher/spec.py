@@ -1,0 +1,105 @@
+"""From a validated topology to what each process of the run receives: the host's spec (every
+VM and device, with backends resolved) and each guest's (its trap socket, workloads, and the
+stats records it writes)."""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmsim.launcher.topology import Topology
+from vmsim.machine import runname
+
+
+@dataclass
+class RunLayout:
+    """Names and stats records of one run."""
+    run: str
+    rundir: str
+    stats_name: str
+    n_queues: int = 0
+    n_devices: int = 0
+    n_workloads: int = 0
+    # (vm, dev) -> device record, list of queue records; (vm, workload) -> record
+    device_records: dict[tuple[str, str], int] = field(default_factory=dict)
+    queue_records: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    workload_records: dict[tuple[str, str], int] = field(default_factory=dict)
+    ram_names: dict[str, str] = field(default_factory=dict)
+    scratch_files: list[str] = field(default_factory=list)
+
+
+def queues_of(dev: Any) -> int:
+    """How many virtqueues a device has."""
+    if dev.type == "blk":
+        return dev.num_queues
+    return 1
+
+
+def plan(topo: Topology, run: str, rundir: str) -> RunLayout:
+    lay = RunLayout(run=run, rundir=rundir, stats_name=runname.stats_name(run))
+    for vname, vm in topo.vms.items():
+        lay.ram_names[vname] = runname.ram_name(run, vname)
+        for dname, dev in vm.devices.items():
+            lay.device_records[(vname, dname)] = lay.n_devices
+            lay.n_devices += 1
+            n = queues_of(dev)
+            lay.queue_records[(vname, dname)] = list(range(lay.n_queues, lay.n_queues + n))
+            lay.n_queues += n
+        for wname in vm.workloads:
+            lay.workload_records[(vname, wname)] = lay.n_workloads
+            lay.n_workloads += 1
+    return lay
+
+
+def host_spec(topo: Topology, lay: RunLayout, config_dir: Path) -> dict[str, Any]:
+    vms = []
+    for vname, vm in topo.vms.items():
+        devices = []
+        for dname, dev in vm.devices.items():
+            offer, withhold = dev.feature_bits()
+            d: dict[str, Any] = {
+                "name": dname, "type": dev.type, "transport": dev.transport,
+                "queue_size": dev.queue_size, "num_queues": queues_of(dev),
+                "offer": offer, "withhold": withhold,
+                "faults": dev.faults.model_dump(),
+                "device_record": lay.device_records[(vname, dname)],
+                "queue_records": lay.queue_records[(vname, dname)],
+            }
+            if dev.type == "blk":
+                path = None
+                if dev.backend == "file":
+                    if dev.path is None:
+                        path = os.path.join(lay.rundir, f"{vname}-{dname}.img")
+                        lay.scratch_files.append(path)
+                    else:
+                        path = str((config_dir / os.path.expanduser(dev.path)).resolve())
+                d["blk"] = {"backend": dev.backend, "path": path, "size": dev.size,
+                            "readonly": dev.readonly, "serial": dev.serial or f"vmsim-{dname}",
+                            "blk_size": dev.blk_size}
+            devices.append(d)
+        vms.append({"name": vname,
+                    "ram": {"name": lay.ram_names[vname], "base": vm.memory_base,
+                            "size": vm.memory},
+                    "control": os.path.join(lay.rundir, f"{vname}.sock"),
+                    "devices": devices})
+    return {"run": lay.run, "stats": lay.stats_name, "poll_us": topo.host.poll_us, "vms": vms}
+
+
+def guest_spec(topo: Topology, lay: RunLayout, vname: str) -> dict[str, Any]:
+    vm = topo.vms[vname]
+    workloads = []
+    for wname, w in vm.workloads.items():
+        d = w.model_dump()
+        d["name"] = wname
+        workloads.append(d)
+    return {
+        "vm": vname,
+        "run": lay.run,
+        "control": os.path.join(lay.rundir, f"{vname}.sock"),
+        "stats": lay.stats_name,
+        "workloads": workloads,
+        "driver_poll_us": {d: dev.poll_us for d, dev in vm.devices.items()},
+        "device_records": {d: lay.device_records[(vname, d)] for d in vm.devices},
+        "queue_records": {d: lay.queue_records[(vname, d)] for d in vm.devices},
+        "workload_records": {w: lay.workload_records[(vname, w)] for w in vm.workloads},
+    }

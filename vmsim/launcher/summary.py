@@ -1,0 +1,164 @@
+"""The end-of-run summary: one dict (written as JSON with --json) built from the stats region
+and the processes' reports, and its rendering as text tables."""
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from vmsim.abi import blk as B
+from vmsim.abi import features as F
+from vmsim.abi import status as S
+from vmsim.launcher.spec import RunLayout
+from vmsim.launcher.topology import Topology
+from vmsim.machine.stats import D, Q, StatsRegion, W, snapshot
+
+DEVICE_FEATURE_NAMES = {"blk": B.FEATURE_NAMES}
+
+
+def build_summary(*, topo: Topology, layout: RunLayout, stats: StatsRegion, source: str,
+                  host_report: dict | None, guest_reports: dict[str, dict | None],
+                  problems: list[str], elapsed: float,
+                  device_snapshot: dict[tuple[str, str], dict[str, int]] | None = None
+                  ) -> dict[str, Any]:
+    """The run's summary. Device status and negotiated features come from `device_snapshot`
+    (taken as the run ended, before the drivers' removal reset the devices) when given."""
+    vms: dict[str, Any] = {}
+    workloads: dict[str, Any] = {}
+    totals = {"workload_ops": 0, "workload_bytes": 0, "workload_errors": 0, "device_errors": 0}
+    host_vms = (host_report or {}).get("vms", {})
+    for vname, vm in topo.vms.items():
+        hvm = host_vms.get(vname, {}).get("devices", {})
+        grep = guest_reports.get(vname) or {}
+        gdevs = grep.get("devices", {})
+        devices = {}
+        for dname, dev in vm.devices.items():
+            names = DEVICE_FEATURE_NAMES.get(dev.type, {})
+            drec = snapshot(stats.device(layout.device_records[(vname, dname)]), D)
+            snap = (device_snapshot or {}).get((vname, dname))
+            if snap:
+                drec.update(snap)
+            hd = hvm.get(dname, {})
+            gd = gdevs.get(dname, {})
+            negotiated = drec["driver_features"]
+            queues = []
+            for i, rec in enumerate(layout.queue_records[(vname, dname)]):
+                q = snapshot(stats.queue(rec), Q)
+                queues.append({
+                    "index": i, "ring": "packed" if q["ring"] else dev.ring,
+                    "size": q["size"] or dev.queue_size,
+                    "added": q["added"], "used": q["used"],
+                    "in_flight": q["added"] - q["completed"] - q["detached"],
+                    "completed": q["completed"], "detached": q["detached"],
+                    "kicks": q["kicks"], "kicks_suppressed": q["kicks_suppressed"],
+                    "notifies_received": q["notifies"],
+                    "interrupts": q["interrupts"],
+                    "interrupts_suppressed": q["interrupts_suppressed"],
+                    "irqs_handled": q["irqs"], "spurious_irqs": q["spurious"],
+                    "bytes_read": q["bytes_read"], "bytes_written": q["bytes_written"],
+                    "descriptors": q["descs_added"], "indirect": q["indirect_added"],
+                    "missed_wakeups": q["missed"], "ring_errors": q["errors"],
+                })
+            errors = hd.get("errors", [])
+            totals["device_errors"] += len(errors)
+            devices[dname] = {
+                "type": dev.type,
+                "transport": dev.transport,
+                "features": F.names(negotiated, names),
+                "features_bits": negotiated,
+                "device_features": F.names(drec["device_features"], names),
+                "status": S.describe(drec["status"]),
+                "driver": gd.get("driver"),
+                "probe_error": gd.get("probe_error", ""),
+                "exits": {"read": drec["exits_read"], "write": drec["exits_write"],
+                          "total": drec["exits_read"] + drec["exits_write"]},
+                "interrupts": hd.get("interrupts", 0),
+                "config_interrupts": drec["config_interrupts"],
+                "errors": errors,
+                "guest_errors": hd.get("guest_errors", []),
+                "queues": queues,
+            }
+            for k in ("backend", "capacity_bytes", "readonly", "requests", "transport_info"):
+                if k in hd:
+                    devices[dname][k] = hd[k]
+        vms[vname] = {"memory": vm.memory, "devices": devices,
+                      "exits": grep.get("exits", 0),
+                      "ioeventfd_writes": grep.get("ioeventfd_writes", 0)}
+        for wname, w in vm.workloads.items():
+            rec = snapshot(stats.workload(layout.workload_records[(vname, wname)]), W)
+            rep = (grep.get("workloads") or {}).get(wname, {})
+            secs = rep.get("seconds") or (
+                (rec["ended_ns"] or 0) - rec["started_ns"]) / 1e9 if rec["started_ns"] else 0
+            secs = secs if secs and secs > 0 else elapsed
+            entry = {
+                "vm": vname, "type": w.type, "device": w.device,
+                "ops": rec["ops"], "bytes": rec["bytes"], "errors": rec["errors"],
+                "reads": rec["reads"], "writes": rec["writes"], "flushes": rec["flushes"],
+                "seconds": round(secs, 3),
+                "ops_per_s": round(rec["ops"] / secs, 1) if secs else 0.0,
+                "mb_per_s": round(rec["bytes"] / secs / 1e6, 3) if secs else 0.0,
+                "error_messages": rep.get("error_messages", []),
+            }
+            workloads[f"{vname}.{wname}"] = entry
+            totals["workload_ops"] += rec["ops"]
+            totals["workload_bytes"] += rec["bytes"]
+            totals["workload_errors"] += rec["errors"]
+    return {"run": layout.run, "config": source, "topology": topo.name,
+            "elapsed_s": round(elapsed, 3), "vms": vms, "workloads": workloads,
+            "host": {"loop": (host_report or {}).get("loop", {})},
+            "totals": totals, "problems": list(problems)}
+
+
+def _n(x: int) -> str:
+    return f"{x:,}"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render_summary(summary: dict[str, Any], console: Console) -> None:
+    """The summary as tables: per device and queue, then per workload."""
+    console.print(f"[bold]vmsim run {summary['run']}[/] ({summary['config']}): "
+                  f"{summary['elapsed_s']:.1f} s, outcome [bold]{summary.get('outcome', '?')}"
+                  f"[/]")
+    for vname, vm in summary["vms"].items():
+        for dname, dev in vm["devices"].items():
+            title = (f"{vname}.{dname}: {dev['type']} over {dev['transport']}, "
+                     f"status {dev['status']}, exits {dev['exits']['total']:,} "
+                     f"({dev['exits']['read']:,} reads, {dev['exits']['write']:,} writes)")
+            t = Table(title=title, title_justify="left", expand=False)
+            for col in ("queue", "ring", "size", "added", "used", "in flight",
+                        "kicks sent / suppr.", "irqs sent / suppr.", "read", "written"):
+                t.add_column(col, justify="right")
+            for q in dev["queues"]:
+                t.add_row(str(q["index"]), q["ring"], str(q["size"]), _n(q["added"]),
+                          _n(q["used"]), _n(q["in_flight"]),
+                          f"{_n(q['kicks'])} / {_n(q['kicks_suppressed'])}",
+                          f"{_n(q['interrupts'])} / {_n(q['interrupts_suppressed'])}",
+                          _bytes(q["bytes_read"]), _bytes(q["bytes_written"]))
+            console.print(t)
+            console.print(f"  features: {' '.join(dev['features']) or '(none negotiated)'}")
+            for e in dev["errors"]:
+                console.print(f"  [red]device error:[/] {e}")
+            if dev.get("probe_error"):
+                console.print(f"  [red]probe:[/] {dev['probe_error']}")
+    if summary["workloads"]:
+        t = Table(title="workloads", title_justify="left")
+        for col in ("workload", "type", "device", "ops", "ops/s", "MB/s", "errors"):
+            t.add_column(col, justify="right" if col in ("ops", "ops/s", "MB/s", "errors")
+                         else "left")
+        for name, w in summary["workloads"].items():
+            err = str(w["errors"]) if not w["errors"] else f"[red]{w['errors']}[/]"
+            t.add_row(name, w["type"], w["device"], _n(w["ops"]), f"{w['ops_per_s']:,.0f}",
+                      f"{w['mb_per_s']:.1f}", err)
+        console.print(t)
+        for name, w in summary["workloads"].items():
+            for m in w["error_messages"][:5]:
+                console.print(f"  [red]{name}:[/] {m}")
+    for p in summary["problems"]:
+        console.print(f"[red]problem:[/] {p}")

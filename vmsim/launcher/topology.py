@@ -1,0 +1,274 @@
+"""The topology file: VMs, their devices, transports, rings, features, backends, workloads.
+
+Validated with pydantic; every error is reported as one line naming the file, the key and
+what was expected, and the run does not start.
+"""
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from vmsim.abi import blk as B
+from vmsim.abi import features as F
+
+MiB = 1 << 20
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.I)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+NAME_RE = r"^[A-Za-z][A-Za-z0-9_-]{0,31}$"
+
+
+class TopologyError(Exception):
+    """A topology that cannot run; the message is one readable line."""
+
+
+def parse_size(v: Any) -> int:
+    """Bytes from an int or a string such as 64M, 64MiB, 1G, 4096."""
+    if isinstance(v, bool):
+        raise ValueError("expected a size such as 64M or 4096")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str):
+        m = _SIZE_RE.match(v)
+        if m:
+            return int(m.group(1)) * _UNITS[m.group(2).lower()]
+    raise ValueError(f"expected a size such as 64M, 1G or 4096, got {v!r}")
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FeatureSpec(Strict):
+    offer: list[str] = Field(default_factory=list)
+    withhold: list[str] = Field(default_factory=list)
+
+
+class Faults(Strict):
+    refuse_features_ok: bool = False
+
+
+class BlkDeviceSpec(Strict):
+    type: Literal["blk"]
+    transport: Literal["mmio"] = "mmio"
+    ring: Literal["split"] = "split"
+    queue_size: int = 256
+    num_queues: int = Field(1, ge=1, le=64)
+    features: FeatureSpec = Field(default_factory=FeatureSpec)
+    faults: Faults = Field(default_factory=Faults)
+    poll_us: int = Field(50, ge=0, le=1_000_000, description="driver busy-poll after work")
+    backend: Literal["file", "memory"] = "file"
+    path: str | None = None
+    size: Size = 64 * MiB
+    readonly: bool = False
+    serial: str | None = None
+    blk_size: int = 512
+
+    @field_validator("queue_size")
+    @classmethod
+    def _queue_size(cls, v: int) -> int:
+        if not (0 < v <= 32768 and v & (v - 1) == 0):
+            raise ValueError(f"expected a power of two from 1 to 32768, got {v}")
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: int) -> int:
+        if v < B.SECTOR_SIZE or v % B.SECTOR_SIZE:
+            raise ValueError(f"expected a multiple of 512 bytes, at least 512, got {v}")
+        return v
+
+    @field_validator("blk_size")
+    @classmethod
+    def _blk_size(cls, v: int) -> int:
+        if v < 512 or v > 65536 or v & (v - 1):
+            raise ValueError(f"expected a power of two from 512 to 65536, got {v}")
+        return v
+
+    @field_validator("serial")
+    @classmethod
+    def _serial(cls, v: str | None) -> str | None:
+        if v is not None and len(v.encode()) > B.VIRTIO_BLK_ID_BYTES:
+            raise ValueError(f"expected at most {B.VIRTIO_BLK_ID_BYTES} bytes, got {len(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _backend(self) -> "BlkDeviceSpec":
+        if self.backend == "memory" and self.path is not None:
+            raise ValueError("path: a memory backend has no file; drop path or use "
+                             "backend: file")
+        return self
+
+    def feature_bits(self) -> tuple[list[int], list[int]]:
+        return (_feature_list(self.features.offer, B.FEATURE_NAMES, "features.offer"),
+                _feature_list(self.features.withhold, B.FEATURE_NAMES, "features.withhold"))
+
+
+def _feature_list(names: list[str], device_names: dict[int, str], key: str) -> list[int]:
+    bits = []
+    for n in names:
+        try:
+            bits.append(F.parse_name(str(n), device_names))
+        except KeyError:
+            known = ", ".join(sorted(set(F.COMMON_NAMES.values()) | set(device_names.values())))
+            raise ValueError(f"{key}: unknown feature {n!r} (known: {known})") from None
+    return bits
+
+
+DeviceSpec = Annotated[BlkDeviceSpec, Field(discriminator="type")]
+
+
+class BlkVerifySpec(Strict):
+    type: Literal["blk-verify"]
+    device: str
+    block_size: int = 4096
+    in_flight: int = Field(16, ge=1, le=4096)
+    write_pct: float = Field(50, ge=0, le=100)
+    region: Size | None = None
+    flush_every: int = Field(64, ge=0)
+    ops: int | None = Field(None, ge=1)
+    seed: int = 1
+
+
+class BlkBenchSpec(Strict):
+    type: Literal["blk-bench"]
+    device: str
+    op: Literal["read", "write", "mixed"] = "read"
+    block_size: int = 4096
+    in_flight: int = Field(64, ge=1, le=4096)
+    pattern: Literal["random", "sequential"] = "random"
+    region: Size | None = None
+    ops: int | None = Field(None, ge=1)
+    seed: int = 1
+
+
+WorkloadSpec = Annotated[BlkVerifySpec | BlkBenchSpec, Field(discriminator="type")]
+
+
+class VMSpec(Strict):
+    memory: Size = 64 * MiB
+    memory_base: int = 0x4000_0000
+    devices: dict[Annotated[str, Field(pattern=NAME_RE)], DeviceSpec] = Field(default_factory=dict)
+    workloads: dict[Annotated[str, Field(pattern=NAME_RE)], WorkloadSpec] = \
+        Field(default_factory=dict)
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: int) -> int:
+        if v < 1 * MiB or v > 16 << 30 or v % 4096:
+            raise ValueError(f"expected 1M to 16G in whole pages, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _refs(self) -> "VMSpec":
+        for wname, w in self.workloads.items():
+            dev = self.devices.get(w.device)
+            if dev is None:
+                raise ValueError(f"workloads.{wname}.device: no device {w.device!r} in this VM "
+                                 f"(devices: {', '.join(self.devices) or 'none'})")
+            if w.type.startswith("blk") and dev.type != "blk":
+                raise ValueError(f"workloads.{wname}.device: {w.device!r} is a {dev.type} "
+                                 f"device; {w.type} needs a blk device")
+        if len(self.devices) > 32:
+            raise ValueError("devices: at most 32 devices per VM")
+        return self
+
+
+class HostSpec(Strict):
+    poll_us: int = Field(100, ge=0, le=1_000_000,
+                         description="the host keeps polling rings this long after work")
+
+
+class Topology(Strict):
+    name: str | None = None
+    description: str | None = None
+    duration: float | None = Field(None, gt=0)
+    host: HostSpec = Field(default_factory=HostSpec)
+    vms: dict[Annotated[str, Field(pattern=NAME_RE)], VMSpec]
+
+    @field_validator("vms")
+    @classmethod
+    def _vms(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("expected at least one VM")
+        return v
+
+    @model_validator(mode="after")
+    def _features(self) -> "Topology":
+        for vname, vm in self.vms.items():
+            for dname, dev in vm.devices.items():
+                try:
+                    dev.feature_bits()
+                except ValueError as e:
+                    raise ValueError(f"vms.{vname}.devices.{dname}.{e}") from None
+        return self
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = [str(p) for p in e["loc"]]
+    # Drop pydantic's union/discriminator tags from the path.
+    loc = [p for p in loc if not p.startswith(("function-", "tagged-union"))
+           and p not in ("blk", "blk-verify", "blk-bench")]
+    msg = e["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "missing":
+        msg = "required key is missing"
+    elif e["type"] == "union_tag_invalid":
+        msg = f"unknown type {e['input'].get('type')!r}" if isinstance(e["input"], dict) else msg
+        if isinstance(e.get("ctx"), dict) and "expected_tags" in e["ctx"]:
+            msg += f" (expected one of {e['ctx']['expected_tags']})"
+    elif e["type"] == "union_tag_not_found":
+        msg = "a 'type' key is required"
+    elif "input" in e and e["type"] not in ("value_error",):
+        msg += f" (got {e['input']!r})"
+    where = ".".join(loc)
+    more = len(err.errors()) - 1
+    tail = f" [and {more} more problem{'s' if more > 1 else ''}]" if more else ""
+    return f"{source}: {where}: {msg}{tail}" if where else f"{source}: {msg}{tail}"
+
+
+def load_topology(data: Any, source: str) -> Topology:
+    """Validate parsed data; raises TopologyError with one readable line."""
+    if not isinstance(data, dict):
+        raise TopologyError(f"{source}: expected a mapping with a 'vms' key at the top level")
+    try:
+        return Topology.model_validate(data)
+    except ValidationError as e:
+        raise TopologyError(_format_error(source, e)) from None
+
+
+def load_topology_file(path: str | Path) -> Topology:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise TopologyError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise TopologyError(f"{path}: is a directory, expected a topology file") from None
+    except OSError as e:
+        raise TopologyError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise TopologyError(f"{path}: {where}not valid YAML: {problem}") from None
+    return load_topology(data, str(path))
