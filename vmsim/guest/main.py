@@ -21,7 +21,7 @@ from vmsim.guest.memory import DmaMemory, GuestRAM
 from vmsim.guest.platform import IrqController, Platform
 from vmsim.guest.virtio.core import VirtioBus, VirtioDevice
 from vmsim.guest.virtio.mmio import MmioProbeError, VirtioMmio
-from vmsim.guest.workloads import Workload, WorkloadError
+from vmsim.guest.workloads import FailedWorkload, Workload, WorkloadError
 from vmsim.guest.workloads.blk_bench import BlkBench
 from vmsim.guest.workloads.blk_verify import BlkVerify
 from vmsim.machine import proc, shm
@@ -55,6 +55,7 @@ class Guest:
         self.transports: dict[str, VirtioMmio] = {}
         self.devices: dict[str, VirtioDevice] = {}
         self.probe_errors: dict[str, str] = {}
+        self.bound: dict[str, str] = {}          # device -> the driver that probed it
         self.workloads: list[Workload] = []
         self.eventfds: list[EventFd] = []
 
@@ -118,6 +119,8 @@ class Guest:
         err = self.bus.register_device(vdev)
         if err or vdev.driver is None:
             self.probe_errors[name] = vdev.probe_error or f"probe failed ({err})"
+        else:
+            self.bound[name] = vdev.driver.name
 
     # ---- workloads -------------------------------------------------------------------------------
     def start_workloads(self) -> None:
@@ -127,11 +130,18 @@ class Guest:
             if cls is None:
                 raise WorkloadError(f"unknown workload type {w['type']!r}")
             rec = recs.get(w["name"])
-            wl = cls(w["name"], w, self.devices, self.stats.workload(rec) if rec is not None
-                     else None, self.dma)
+            stats = self.stats.workload(rec) if rec is not None else None
+            try:
+                wl = cls(w["name"], w, self.devices, stats, self.dma)
+            except WorkloadError as e:
+                # A workload that cannot start is that workload's error, not the guest's.
+                wl = FailedWorkload(w["name"], w, self.devices, stats, str(e))
             self.workloads.append(wl)
         for wl in self.workloads:
-            wl.start()
+            try:
+                wl.start()
+            except WorkloadError as e:
+                wl.fail(str(e))
 
     def workloads_finished(self) -> bool:
         return all(w.finished_event.is_set() for w in self.workloads)
@@ -159,6 +169,8 @@ class Guest:
                         return
                 elif ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
                     raise HostGone("the host closed this VM's trap channel")
+            if isinstance(self.irqc.error, ChannelClosed):
+                raise HostGone("the host closed this VM's trap channel")
             if self.irqc.error is not None:
                 raise RuntimeError(f"interrupt thread failed: {self.irqc.error!r}")
             self.publish()
@@ -186,7 +198,7 @@ class Guest:
         for name, vdev in self.devices.items():
             t = self.transports[name]
             devices[name] = {
-                "driver": vdev.driver.name if vdev.driver else None,
+                "driver": self.bound.get(name),
                 "probe_error": self.probe_errors.get(name, ""),
                 "features": vdev.features,
                 "device_features": vdev.device_features,

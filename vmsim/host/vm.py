@@ -46,6 +46,7 @@ class HostVM:
             self.mmio_by_base[t.base] = t
             loop.add_device(dev)
         self.unassigned = 0
+        self.host_errors: list[str] = []
         self.conn: Channel | None = None
         self.guest_gone = False
         self.control_path = spec["control"]
@@ -79,8 +80,15 @@ class HostVM:
                 conn.send(desc, out_fds)
                 return
             reply = self.handle_access(msg)
-        except (IndexError, TypeError, ValueError) as e:
+        except (IndexError, TypeError, ValueError, KeyError) as e:
             reply = f"malformed trap {msg!r}: {e}"
+        except ChannelClosed:
+            self._guest_disconnected()
+            return
+        except Exception as e:  # a host bug: report it, keep serving every other device
+            log.exception("%s: trap %r failed", self.name, msg)
+            self.host_errors.append(f"trap {msg!r}: {type(e).__name__}: {e}")
+            reply = f"host error: {type(e).__name__}: {e}"
         self.loop.dirty = True
         try:
             conn.send(reply)
@@ -154,7 +162,7 @@ class HostVM:
                 **dev.describe(),
             }
         return {"devices": devs, "unassigned_accesses": self.unassigned,
-                "guest_gone": self.guest_gone}
+                "guest_gone": self.guest_gone, "host_errors": list(self.host_errors)}
 
     def close(self) -> None:
         for dev, t in zip(self.devices, self.transports, strict=True):

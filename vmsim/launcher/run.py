@@ -241,6 +241,8 @@ class Run:
                 self._on_exit(c)
 
     def _on_message(self, c: Child) -> None:
+        if c.chan is None:
+            return   # its exit, handled earlier in the same poll, already drained the channel
         try:
             msg = c.chan.recv_obj()
         except ChannelClosed:
@@ -407,7 +409,7 @@ def sweep_stale_runs() -> list[str]:
     removed = []
     for run, names in runname.list_shm_runs().items():
         pid = runname.launcher_pid(run)
-        if pid == os.getpid() or runname.pid_is_vmsim(pid):
+        if pid == os.getpid() or runname.pid_alive(pid):
             continue
         for n in names:
             if shm.unlink(n):

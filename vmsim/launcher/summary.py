@@ -40,7 +40,9 @@ def build_summary(*, topo: Topology, layout: RunLayout, stats: StatsRegion, sour
                 drec.update(snap)
             hd = hvm.get(dname, {})
             gd = gdevs.get(dname, {})
-            negotiated = drec["driver_features"]
+            # Features are negotiated only once the device accepted FEATURES_OK.
+            requested = drec["driver_features"]
+            negotiated = requested if drec["status"] & S.FEATURES_OK else 0
             queues = []
             for i, rec in enumerate(layout.queue_records[(vname, dname)]):
                 q = snapshot(stats.queue(rec), Q)
@@ -66,6 +68,7 @@ def build_summary(*, topo: Topology, layout: RunLayout, stats: StatsRegion, sour
                 "transport": dev.transport,
                 "features": F.names(negotiated, names),
                 "features_bits": negotiated,
+                "features_requested": F.names(requested, names),
                 "device_features": F.names(drec["device_features"], names),
                 "status": S.describe(drec["status"]),
                 "driver": gd.get("driver"),

@@ -26,6 +26,7 @@ MiB = 1 << 20
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.I)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 NAME_RE = r"^[A-Za-z][A-Za-z0-9_-]{0,31}$"
+_REL_KEY_RE = re.compile(r"^([A-Za-z_][\w-]*(?:\.[\w-]+)*): (.*)$", re.S)
 
 
 class TopologyError(Exception):
@@ -49,7 +50,8 @@ Size = Annotated[int, BeforeValidator(parse_size)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a YAML `yes` is not the number 1, nor "256" a number
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class FeatureSpec(Strict):
@@ -182,6 +184,10 @@ class VMSpec(Strict):
             if w.type.startswith("blk") and dev.type != "blk":
                 raise ValueError(f"workloads.{wname}.device: {w.device!r} is a {dev.type} "
                                  f"device; {w.type} needs a blk device")
+            writes = w.type == "blk-verify" or (w.type == "blk-bench" and w.op != "read")
+            if writes and getattr(dev, "readonly", False):
+                raise ValueError(f"workloads.{wname}.device: {w.device!r} is read-only and "
+                                 f"this {w.type} workload writes")
         if len(self.devices) > 32:
             raise ValueError("devices: at most 32 devices per VM")
         return self
@@ -226,6 +232,11 @@ def _format_error(source: str, err: ValidationError) -> str:
     msg = e["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+        # Validators of a whole mapping name the key below it as "key.path: message".
+        m = _REL_KEY_RE.match(msg)
+        if m:
+            loc = [*loc, *m.group(1).split(".")]
+            msg = m.group(2)
     if e["type"] == "extra_forbidden":
         msg = "unknown key"
     elif e["type"] == "missing":

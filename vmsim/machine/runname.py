@@ -49,10 +49,14 @@ def list_shm_runs() -> dict[str, list[str]]:
     return runs
 
 
-def pid_is_vmsim(pid: int) -> bool:
-    """Whether pid is alive and is a vmsim process (guards against pid reuse)."""
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists. A run whose launcher is alive is never swept,
+    whatever that process is (a launcher may be a test runner or a benchmark calling vmsim as
+    a library); a reused pid only delays the sweep of a dead run's objects."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"vmsim" in f.read()
-    except OSError:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
         return False
+    except PermissionError:
+        return True

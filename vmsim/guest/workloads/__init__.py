@@ -37,6 +37,8 @@ class Workload:
         self.other = 0
         self.error_messages: list[str] = []
         self.max_ops: int | None = spec.get("ops")
+        # requests still to issue (`ops:` bounds what is issued, not just what completes)
+        self.budget = self.max_ops if self.max_ops is not None else 1 << 62
         self.started_ns = 0
         self.ended_ns = 0
         self.stopping = False
@@ -75,6 +77,14 @@ class Workload:
             self.stats[W.RUNNING] = 0
         self.finished_event.set()
 
+    def fail(self, msg: str) -> None:
+        """The workload cannot run: one error, and it is finished."""
+        self.error(msg)
+        self.stopping = True
+        if self.in_flight == 0:
+            self.idle_event.set()
+            self._finish()
+
     def error(self, msg: str) -> None:
         self.errors += 1
         if len(self.error_messages) < 20:
@@ -104,3 +114,19 @@ class Workload:
 
     def close(self) -> None:
         """Free what the workload allocated (after the devices are removed)."""
+
+
+class FailedWorkload(Workload):
+    """Stands in for a workload that could not be created, so the run reports its error."""
+
+    kind = "failed"
+
+    def __init__(self, name: str, spec: dict[str, Any], devices: dict[str, VirtioDevice],
+                 stats: memoryview | None, reason: str) -> None:
+        super().__init__(name, spec, devices, stats)
+        self.kind = spec.get("type", "failed")
+        self.reason = reason
+
+    def start(self) -> None:
+        super().start()
+        self.fail(self.reason)

@@ -47,6 +47,9 @@ class BlkBench(Workload):
         kinds = {"read": (B.VIRTIO_BLK_T_IN,), "write": (B.VIRTIO_BLK_T_OUT,),
                  "mixed": (B.VIRTIO_BLK_T_IN, B.VIRTIO_BLK_T_OUT)}[op]
         self.ops_table = [kinds[rng.randrange(len(kinds))] for _ in range(TABLE_SIZE)]
+        self.reads_prefix = [0]
+        for t in self.ops_table:
+            self.reads_prefix.append(self.reads_prefix[-1] + (t == B.VIRTIO_BLK_T_IN))
         self.cursor = 0
         self.submit = self.blk.submit
         self.done_cb = self._done      # one bound method, not one per request
@@ -66,17 +69,19 @@ class BlkBench(Workload):
                 self._issue(slot)
 
     def _issue(self, slot: int) -> None:
-        if self.stopping or (self.max_ops is not None and self.ops >= self.max_ops):
+        if self.stopping or self.budget <= 0:
             self._slot_idle()
             return
         # The offsets and ops come from tables drawn once at start: a draw per request would
         # cost more than the rest of this function.
         k = self.cursor
-        self.cursor = (k + 1) & TABLE_MASK
         err = self.submit(self.ops_table[k], self.sectors[k], self.bufs[slot], self.done_cb, slot)
-        if err == EAGAIN:
+        if not err:
+            self.cursor = (k + 1) & TABLE_MASK
+            self.budget -= 1
+        elif err == EAGAIN:
             self.deferred.append(slot)
-        elif err:
+        else:
             self.error(f"submit failed: errno {-err}")
             self._slot_idle()
 
@@ -100,9 +105,17 @@ class BlkBench(Workload):
                 self._slot_idle()
 
     def publish_stats(self) -> None:
-        # bytes are derived rather than counted per request
+        # Derived rather than counted per request: requests are issued in table order, so the
+        # reads among the first `ops` table entries are the reads done (exact once drained).
         self.bytes = (self.ops - self.errors) * self.bs
+        full, part = divmod(self.ops, TABLE_SIZE)
+        self.reads = full * self.reads_prefix[TABLE_SIZE] + self.reads_prefix[part]
+        self.writes = self.ops - self.reads
         super().publish_stats()
+
+    def report(self) -> dict[str, Any]:
+        self.publish_stats()
+        return super().report()
 
     def close(self) -> None:
         for ((gpa, _),) in self.bufs:

@@ -83,7 +83,7 @@ class BlkVerify(Workload):
     # ---- one slot's life: issue, complete, issue again -------------------------------------------
     def _issue(self, slot: int) -> None:
         """Issue the next request on `slot` (in_flight already counts it)."""
-        if self.stopping or (self.max_ops is not None and self.ops >= self.max_ops):
+        if self.stopping or self.budget <= 0:
             self._slot_idle()
             return
         rng = self.rng
@@ -116,9 +116,11 @@ class BlkVerify(Workload):
                                 (slot, block, self.gen[block]))
             if err:
                 self.busy.discard(block)
-        if err == EAGAIN:
+        if not err:
+            self.budget -= 1
+        elif err == EAGAIN:
             self._defer(slot)
-        elif err:
+        else:
             self.error(f"submit failed: errno {-err}")
             self._slot_idle()
 

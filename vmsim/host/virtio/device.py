@@ -147,6 +147,12 @@ class VirtioDevice:
         if new_bits & S.FEATURES_OK and not self._accept_features():
             driver_bits &= ~S.FEATURES_OK
             new_bits &= ~S.FEATURES_OK
+            if new_bits & S.DRIVER_OK and not self.legacy:
+                # DRIVER_OK needs FEATURES_OK, which the device just refused.
+                self.guest_error("DRIVER_OK written with a FEATURES_OK the device refused; "
+                                 "ignored")
+                driver_bits &= ~S.DRIVER_OK
+                new_bits &= ~S.DRIVER_OK
         self.status = driver_bits | (old & S.DEVICE_NEEDS_RESET)
         if new_bits & S.DRIVER_OK:
             self._driver_ok()
@@ -212,6 +218,8 @@ class VirtioDevice:
         if offset < 0 or offset + width > cfg_len:
             self.guest_error(f"config write of {width} bytes at {offset} beyond {cfg_len} bytes")
             return
+        # The access is `width` bytes wide: a register write carries no more than that.
+        value &= (1 << (8 * width)) - 1
         self.write_config_space(offset, value.to_bytes(width, "little"))
 
     def config_changed(self) -> None:
@@ -260,6 +268,11 @@ class VirtioDevice:
             n = self.handle_queue(q, ring)
         except RingError as e:
             self.virtio_error(f"queue {q.index}: {e}", q)
+            return 0
+        except Exception as e:  # a host bug, not the guest's: stop this device, keep the rest
+            log.exception("%s: queue %d: internal error", self.name, q.index)
+            self.virtio_error(f"queue {q.index}: internal device error: "
+                              f"{type(e).__name__}: {e}", q)
             return 0
         if n:
             ring.n_wakeups += 1

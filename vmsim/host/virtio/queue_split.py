@@ -11,6 +11,8 @@ reason, which the device turns into virtio_error. The views below are the same c
 driver uses (see vmsim.guest.virtio.ring_split), each shared field one native load or store.
 """
 
+import struct
+
 from vmsim.abi import split_ring as R
 from vmsim.host.memory import GuestMemory, GuestMemoryError
 from vmsim.host.virtio.chain import DescChain
@@ -22,7 +24,9 @@ NEXT = R.VRING_DESC_F_NEXT
 WRITE = R.VRING_DESC_F_WRITE
 INDIRECT = R.VRING_DESC_F_INDIRECT
 U32 = 0xFFFFFFFF
+MAX_CHAIN_BYTES = 1 << 32   # "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes"
 UNPACK_DESC = R.DESC.unpack_from
+UNPACK_DESC3 = struct.Struct("<" + "QIHH" * 3).unpack_from
 
 
 class SplitQueue:
@@ -60,6 +64,7 @@ class SplitQueue:
         self.last_used_idx = 0       # next used entry the device will fill (= used->idx)
         self.signalled_used = 0
         self.signalled_used_valid = False
+        self._used_at_signal = 0
         self.used_flags = 0          # shadow of used->flags
         self.inflight = 0
         self.stats = stats
@@ -109,6 +114,12 @@ class SplitQueue:
             raise RingError(Reason.INVALID_HEAD,
                             f"head {head} in avail ring slot {last & self.mask}")
         chain = self._chains[head]
+        if head + 3 <= num and self._pop3(chain, head):
+            self.last_avail_idx = (last + 1) & 0xFFFF
+            self.inflight += 1
+            self.n_popped += 1
+            self.n_bytes_read += chain.rlen
+            return chain
         r_off = chain.r_off
         r_len = chain.r_len
         w_off = chain.w_off
@@ -160,7 +171,7 @@ class SplitQueue:
             i = nx
             if i >= table_size:
                 raise RingError(Reason.INVALID_NEXT, f"next {i} in a table of {table_size}")
-        if rlen + wlen > U32:
+        if rlen + wlen > MAX_CHAIN_BYTES:
             raise RingError(Reason.CHAIN_TOO_BIG, f"{rlen + wlen} bytes from head {head}")
         chain.head = head
         chain.rlen = rlen
@@ -171,6 +182,60 @@ class SplitQueue:
         self.n_popped += 1
         self.n_bytes_read += rlen
         return chain
+
+    def _pop3(self, chain: DescChain, head: int) -> bool:
+        """The common chain, read with one call: three consecutive direct descriptors from
+        `head` (a block request: header, data, status). Fills `chain` and returns True if the
+        chain is exactly that and valid; anything else (including every error) is left to the
+        general walk, which reports it precisely."""
+        a0, l0, f0, n0, a1, l1, f1, n1, a2, l2, f2, _ = UNPACK_DESC3(self.ram,
+                                                                     self.desc_off + 16 * head)
+        if f0 & 5 != 1 or f1 & 5 != 1 or f2 & 5 or n0 != head + 1 or n1 != head + 2:
+            return False
+        base = self.mem_base
+        size = self.mem_size
+        o0 = a0 - base
+        o1 = a1 - base
+        o2 = a2 - base
+        if o0 < 0 or o1 < 0 or o2 < 0 or not (0 < l0 <= size - o0 and 0 < l1 <= size - o1
+                                              and 0 < l2 <= size - o2):
+            return False
+        writable = (f0 & WRITE) | (f1 & WRITE) << 1 | (f2 & WRITE) << 2
+        if writable == 8:          # read, read, write
+            chain.r_off = [o0, o1]
+            chain.r_len = [l0, l1]
+            chain.w_off = [o2]
+            chain.w_len = [l2]
+            chain.rlen = l0 + l1
+            chain.wlen = l2
+        elif writable == 12:       # read, write, write
+            chain.r_off = [o0]
+            chain.r_len = [l0]
+            chain.w_off = [o1, o2]
+            chain.w_len = [l1, l2]
+            chain.rlen = l0
+            chain.wlen = l1 + l2
+        elif writable == 0:
+            chain.r_off = [o0, o1, o2]
+            chain.r_len = [l0, l1, l2]
+            chain.w_off = []
+            chain.w_len = []
+            chain.rlen = l0 + l1 + l2
+            chain.wlen = 0
+        elif writable == 14:
+            chain.r_off = []
+            chain.r_len = []
+            chain.w_off = [o0, o1, o2]
+            chain.w_len = [l0, l1, l2]
+            chain.rlen = 0
+            chain.wlen = l0 + l1 + l2
+        else:
+            return False           # readable after writable: the walk reports it
+        if chain.rlen + chain.wlen > MAX_CHAIN_BYTES:
+            return False
+        chain.head = head
+        chain.ndescs = 3
+        return True
 
     def _indirect(self, addr: int, ln: int, flags: int, i: int, head: int,
                   in_indirect: bool) -> tuple[memoryview, int, int]:
@@ -214,8 +279,12 @@ class SplitQueue:
             needs = not self.avail_h[R.AVAIL_H_FLAGS] & R.VRING_AVAIL_F_NO_INTERRUPT
         else:
             old = self.signalled_used
-            valid = self.signalled_used_valid
+            # After 65536 pushes the 16-bit index is back where it was signalled: the window
+            # (old, new] is the whole ring, which vring_need_event cannot express (vhost's
+            # vhost_add_used_n invalidates signalled_used for the same reason).
+            valid = self.signalled_used_valid and self.n_used - self._used_at_signal < 0x10000
             new = self.signalled_used = self.last_used_idx
+            self._used_at_signal = self.n_used
             self.signalled_used_valid = True
             needs = not valid or R.vring_need_event(self.avail_h[self.used_event_at], new, old)
         if needs:

@@ -30,6 +30,10 @@ class BlkBackend:
     def flush(self) -> None:
         raise NotImplementedError
 
+    def resize(self, size: int) -> None:
+        """Change the capacity (a host-side resize)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -53,13 +57,28 @@ class FileBackend(BlkBackend):
         self.description = f"file {path}"
 
     def read_into(self, offset: int, bufs: Sequence[memoryview]) -> int:
-        return os.preadv(self.fd, bufs, offset)
+        n = os.preadv(self.fd, bufs, offset)
+        want = sum(len(b) for b in bufs)
+        if n < want:
+            # Past the end of the file (it shrank under us): zeros, as a sparse image reads.
+            skip = n
+            for b in bufs:
+                if skip >= len(b):
+                    skip -= len(b)
+                    continue
+                b[skip:] = bytes(len(b) - skip)
+                skip = 0
+        return want
 
     def write_from(self, offset: int, bufs: Sequence[memoryview]) -> int:
         return os.pwritev(self.fd, bufs, offset)
 
     def flush(self) -> None:
         os.fsync(self.fd)
+
+    def resize(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        self.size = size
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -98,6 +117,16 @@ class MemoryBackend(BlkBackend):
 
     def read_one(self, offset: int, ram: memoryview, at: int, length: int) -> None:
         ram[at:at + length] = self._mv[offset:offset + length]
+
+    def resize(self, size: int) -> None:
+        mm = mmap.mmap(-1, max(size, 1))
+        keep = min(size, self.size)
+        mm[:keep] = self._mv[:keep]
+        self._mv.release()
+        self._mm.close()
+        self._mm = mm
+        self._mv = memoryview(mm)
+        self.size = size
 
     def write_one(self, offset: int, ram: memoryview, at: int, length: int) -> None:
         self._mv[offset:offset + length] = ram[at:at + length]

@@ -69,7 +69,7 @@ class BlkDevice(VirtioDevice):
     def resize(self, new_size: int) -> None:
         """A host-side capacity change (blk resize): the driver hears of it by a config-change
         interrupt and re-reads capacity."""
-        self.backend.size = new_size
+        self.backend.resize(new_size)
         self.handler.capacity_bytes = new_size & ~(B.SECTOR_SIZE - 1)
         self._config = self._build_config()
         self.config_changed()

@@ -65,10 +65,13 @@ class BlkRequestHandler:
         if typ == T_IN:
             length = chain.wlen - 1
             nsegs = len(w_off) - (w_len[-1] == 1)
-            if not self._in_range(sector, length, nsegs):
+            pos = sector << SHIFT
+            # _in_range, written out: this is the common request
+            if length & SECTOR_MASK or pos + length > self.capacity_bytes \
+                    or nsegs > self.seg_max:
+                self.metrics.io_errors += 1
                 ram[status_at] = S_IOERR
                 return 1
-            pos = sector << SHIFT
             try:
                 if nsegs == 1 and w_len[-1] == 1:
                     self.backend.read_one(pos, ram, w_off[0], length)
