@@ -147,41 +147,42 @@ class VirtioBlk:
         """Queue one request; `callback(status, arg)` runs on completion (interrupt thread).
         Returns 0, EAGAIN when every slot or descriptor is busy (retry after a completion),
         EROFS, EINVAL or EIO."""
+        nsg = len(sgs)
+        if nsg > self.seg_max:
+            return EINVAL
         if typ == B.VIRTIO_BLK_T_OUT and self.readonly:
             return EROFS
-        if len(sgs) > self.seg_max:
-            return EINVAL
         q = self.queues[qid]
         plugged = getattr(self._plug, "queues", None)
         with q.lock:
-            if not q.free:
+            free = q.free
+            if not free:
                 return EAGAIN
-            req = q.free.pop()
+            req = free.pop()
             hdr = req.hdr
             hdr[0] = typ             # type, and ioprio 0 in the upper half
             hdr[1] = sector
             req.callback = callback
             req.arg = arg
             vq = q.vq
-            if typ == B.VIRTIO_BLK_T_OUT:
-                if len(sgs) == 1:
+            if nsg == 1:
+                if typ == B.VIRTIO_BLK_T_OUT:
                     out = req.out1
                     out[1] = sgs[0]
+                    err = vq.add_sgs(out, req.status_only, req)
                 else:
-                    out = [req.hdr_sg, *sgs]
-                err = vq.add_sgs(out, req.status_only, req)
-            elif sgs:
-                if len(sgs) == 1:
                     inn = req.in1
                     inn[0] = sgs[0]
-                else:
-                    inn = [*sgs, req.status_sg]
-                err = vq.add_sgs(req.hdr_only, inn, req)
+                    err = vq.add_sgs(req.hdr_only, inn, req)
+            elif typ == B.VIRTIO_BLK_T_OUT:
+                err = vq.add_sgs([req.hdr_sg, *sgs], req.status_only, req)
+            elif sgs:
+                err = vq.add_sgs(req.hdr_only, [*sgs, req.status_sg], req)
             else:
                 err = vq.add_sgs(req.hdr_only, req.status_only, req)
             if err:
                 req.callback = req.arg = None
-                q.free.append(req)
+                free.append(req)
                 return EAGAIN if err == ENOSPC else err
             if plugged is not None:
                 plugged.add(q)

@@ -42,6 +42,15 @@ NO_NOTIFY = R.VRING_USED_F_NO_NOTIFY
 INDIRECT_MAX = 16
 
 
+def _last_entry(out_sgs: Sequence[Sg], in_sgs: Sequence[Sg]) -> tuple[int, int, int]:
+    """(addr, len, flags) of a chain's last segment, which ends it (no NEXT)."""
+    if in_sgs:
+        addr, ln = in_sgs[-1]
+        return addr, ln, WRITE
+    addr, ln = out_sgs[-1]
+    return addr, ln, 0
+
+
 class SplitVirtqueue(Virtqueue):
     """struct vring_virtqueue with split.* state."""
 
@@ -75,11 +84,12 @@ class SplitVirtqueue(Virtqueue):
         self.desc_data: list[Any] = [None] * num     # desc_state[head].data: the token
         self.desc_count = [0] * num                  # ring descriptors the chain holds
         self.desc_last = [0] * num                   # the chain's last ring descriptor
-        self._indirect_tables: list[tuple[int, memoryview, memoryview] | None] = [None] * num
+        self._indirect_tables: list[tuple[int, memoryview] | None] = [None] * num
         self.num_free = num
         self.avail_idx_shadow = 0
         self.avail_flags_shadow = 0
         self.last_used_idx = 0
+        self.used_seen = 0                           # used->idx as last read
         self.num_added = 0
         self.event_triggered = False
         self._chain_last = 0
@@ -94,69 +104,64 @@ class SplitVirtqueue(Virtqueue):
 
     # ---- add -------------------------------------------------------------------------------------
     # add_sgs and get_buf run once per request: their bodies are written out by hand (no helper
-    # calls, attributes held in locals), which roughly halves their cost in CPython.
+    # calls for the common cases, attributes held in locals), which roughly halves their cost.
     def add_sgs(self, out_sgs: Sequence[Sg], in_sgs: Sequence[Sg], data: Any) -> int:
-        """virtqueue_add_split."""
+        """virtqueue_add_split.
+
+        Descriptors are not visible to the device until avail->idx publishes them, so
+        struct.pack_into is safe here (DESIGN.md) and the cheapest store. A three-segment chain
+        (a block request) is written with one call: into its indirect table, or into three
+        consecutive ring descriptors, which it usually finds since chains go back on the free
+        list whole."""
         if data is None:
             raise ValueError("the data token must not be None")
         if self.broken:
             return EIO
-        total = len(out_sgs) + len(in_sgs)
+        n_out = len(out_sgs)
+        total = n_out + len(in_sgs)
         if total == 0:
             raise ValueError("a buffer needs at least one segment")
         head = self.free_head
         nxt = self.desc_next
+        table = None
         if self.indirect and 1 < total <= INDIRECT_MAX and self.num_free:
             table = self._indirect_tables[head]
             if table is None:
                 table = self._alloc_indirect(head)
-            if table is not None:
-                gpa, tq, ti = table
-                j = 0
-                for addr, ln in out_sgs:
-                    tq[2 * j] = addr
-                    ti[4 * j + 2] = ln
-                    j += 1
-                    ti[4 * j - 1] = NEXT | j << 16            # entry j-1's flags | next
-                for addr, ln in in_sgs:
-                    tq[2 * j] = addr
-                    ti[4 * j + 2] = ln
-                    j += 1
-                    ti[4 * j - 1] = NEXT | WRITE | j << 16
-                ti[4 * j - 1] &= ~NEXT                       # the last entry ends the table
-                self.desc_q[2 * head] = gpa
-                di = self.desc_i
-                di[4 * head + 2] = total * R.DESC_SIZE
-                di[4 * head + 3] = INDIRECT
-                self.free_head = nxt[head]
-                self.desc_count[head] = 1
-                self.desc_last[head] = head
-                self.num_free -= 1
-                self.n_indirect += 1
-                self.n_descs += total + 1
-                return self._expose(head, data)
-        if self.num_free < total:
-            return ENOSPC
-        # Descriptors are not visible to the device until avail->idx publishes them, so
-        # struct.pack_into is safe here (DESIGN.md) and the cheapest store. Chains go back on
-        # the free list whole, so a three-descriptor chain (a block request) usually finds
-        # three consecutive free descriptors: those are written with one call.
-        mv = self.desc_mv
-        if total == 3 and nxt[head] == head + 1 and nxt[head + 1] == head + 2:
-            i = nxt[head + 2]
-            (a0, l0), (a1, l1), (a2, l2) = (*out_sgs, *in_sgs)
-            f0, f1, f2 = FLAGS3[len(out_sgs)]
-            PACK_DESC3(mv, 16 * head, a0, l0, f0, head + 1, a1, l1, f1, head + 2, a2, l2, f2, i)
-            prev = head + 2
+        if table is not None:
+            gpa, tmv = table
+            if total == 3:
+                (a0, l0), (a1, l1), (a2, l2) = (*out_sgs, *in_sgs)
+                f0, f1, f2 = FLAGS3[n_out]
+                PACK_DESC3(tmv, 0, a0, l0, f0, 1, a1, l1, f1, 2, a2, l2, f2, 0)
+            else:
+                self._write_table(tmv, out_sgs, in_sgs)
+            PACK_DESC(self.desc_mv, 16 * head, gpa, total * R.DESC_SIZE, INDIRECT, 0)
+            self.free_head = nxt[head]
+            self.desc_count[head] = 1
+            self.desc_last[head] = head
+            self.num_free -= 1
+            self.n_indirect += 1
+            self.n_descs += total + 1
         else:
-            i = self._write_chain(mv, nxt, head, out_sgs, in_sgs)
-            prev = self._chain_last
-        self.free_head = i
-        self.desc_count[head] = total
-        self.desc_last[head] = prev
-        self.num_free -= total
-        self.n_descs += total
-        # _expose, inlined on this path
+            if self.num_free < total:
+                return ENOSPC
+            if total == 3 and nxt[head] == head + 1 and nxt[head + 1] == head + 2:
+                i = nxt[head + 2]
+                (a0, l0), (a1, l1), (a2, l2) = (*out_sgs, *in_sgs)
+                f0, f1, f2 = FLAGS3[n_out]
+                PACK_DESC3(self.desc_mv, 16 * head, a0, l0, f0, head + 1, a1, l1, f1, head + 2,
+                           a2, l2, f2, i)
+                prev = head + 2
+            else:
+                i = self._write_chain(self.desc_mv, nxt, head, out_sgs, in_sgs)
+                prev = self._chain_last
+            self.free_head = i
+            self.desc_count[head] = total
+            self.desc_last[head] = prev
+            self.num_free -= total
+            self.n_descs += total
+        # Expose the chain: the descriptors are written; now the ring entry, then the index.
         self.desc_data[head] = data
         shadow = self.avail_idx_shadow
         avail = self.avail_h
@@ -167,8 +172,21 @@ class SplitVirtqueue(Virtqueue):
         self.n_added += 1
         self.num_added += 1
         if self.num_added == R.IDX_MASK:
+            # Linux: "This is very unlikely, but theoretically possible. Kick just in case."
             self.kick()
         return 0
+
+    @staticmethod
+    def _write_table(tmv: memoryview, out_sgs: Sequence[Sg], in_sgs: Sequence[Sg]) -> None:
+        """Fill an indirect table with a chain of any length (entries 0..n-1, in order)."""
+        j = 0
+        for addr, ln in out_sgs:
+            j += 1
+            PACK_DESC(tmv, 16 * j - 16, addr, ln, NEXT, j)
+        for addr, ln in in_sgs:
+            j += 1
+            PACK_DESC(tmv, 16 * j - 16, addr, ln, NEXT | WRITE, j)
+        PACK_DESC(tmv, 16 * j - 16, *_last_entry(out_sgs, in_sgs), 0)
 
     def _write_chain(self, mv: memoryview, nxt: list[int], head: int, out_sgs: Sequence[Sg],
                      in_sgs: Sequence[Sg]) -> int:
@@ -192,28 +210,11 @@ class SplitVirtqueue(Virtqueue):
         self._chain_last = prev
         return i
 
-    def _expose(self, head: int, data: Any) -> int:
-        self.desc_data[head] = data
-        shadow = self.avail_idx_shadow
-        avail = self.avail_h
-        # The descriptors are written; now the ring entry, then the index that publishes it.
-        avail[R.AVAIL_H_RING + (shadow & self.mask)] = head
-        shadow = (shadow + 1) & R.IDX_MASK
-        self.avail_idx_shadow = shadow
-        avail[R.AVAIL_H_IDX] = shadow
-        self.n_added += 1
-        self.num_added += 1
-        if self.num_added == R.IDX_MASK:
-            # Linux: "This is very unlikely, but theoretically possible. Kick just in case."
-            self.kick()
-        return 0
-
-    def _alloc_indirect(self, head: int) -> tuple[int, memoryview, memoryview] | None:
+    def _alloc_indirect(self, head: int) -> tuple[int, memoryview] | None:
         try:
-            gpa, mv = self.dma.alloc(INDIRECT_MAX * R.DESC_SIZE, R.DESC_ALIGN)
+            table = self.dma.alloc(INDIRECT_MAX * R.DESC_SIZE, R.DESC_ALIGN)
         except OutOfGuestMemory:
             return None
-        table = (gpa, mv.cast("Q"), mv.cast("I"))
         self._indirect_tables[head] = table
         return table
 
@@ -245,7 +246,14 @@ class SplitVirtqueue(Virtqueue):
     def get_buf(self) -> tuple[Any, int] | None:
         """virtqueue_get_buf_ctx_split."""
         last = self.last_used_idx
-        if last == self.used_h[R.USED_H_IDX] or self.broken:
+        if last == self.used_seen:
+            # Re-read used->idx only when what was seen is consumed: the device rewrites that
+            # cache line as it completes.
+            seen = self.used_h[R.USED_H_IDX]
+            if last == seen:
+                return None
+            self.used_seen = seen
+        if self.broken:
             return None
         # The used idx was read first: the entry it published is now valid (TSO keeps loads
         # in order, which is Linux's virtio_rmb here).
@@ -345,7 +353,6 @@ class SplitVirtqueue(Virtqueue):
         for table in self._indirect_tables:
             if table is not None:
                 table[1].release()
-                table[2].release()
                 self.dma.free(table[0])
         self._indirect_tables = [None] * self.num
         for v in (self.desc_q, self.desc_i, self.desc_mv, self.avail_h, self.used_h,

@@ -61,6 +61,7 @@ class SplitQueue:
         self.used_event_at = R.avail_h_used_event(num)
         self.avail_event_at = R.used_h_avail_event(num)
         self.last_avail_idx = 0      # next avail entry the device will take
+        self.avail_seen = 0          # avail->idx as last read
         self.last_used_idx = 0       # next used entry the device will fill (= used->idx)
         self.signalled_used = 0
         self.signalled_used_valid = False
@@ -91,35 +92,133 @@ class SplitQueue:
         return self.avail_h[R.AVAIL_H_IDX] != self.last_avail_idx
 
     def pop(self) -> DescChain | None:
-        """The next available chain, validated, or None if the ring is empty.
+        """The next available chain, validated, or None if the ring is empty."""
+        chains = self.pop_batch(1)
+        return chains[0] if chains else None
 
-        The chain walk is written out here rather than called: it runs once per request.
+    def pop_batch(self, limit: int = 1 << 16) -> list[DescChain]:
+        """Every available chain (at most `limit`), validated, in ring order.
+
+        This runs once per request, so it is written out by hand: the ring state lives in
+        locals for the whole batch, and the common chain - three descriptors in a row, or a
+        three-entry indirect table (a block request: header, data, status) - is read with one
+        struct.unpack_from and checked inline. Anything else, every error included, goes to
+        _walk, which follows NEXT and INDIRECT one descriptor at a time and names the fault.
+        A published descriptor does not change under the device, so struct is safe here
+        (DESIGN.md). A bad chain raises RingError; the chains before it were consumed."""
+        out: list[DescChain] = []
+        chains = self._chains
+        avail_h = self.avail_h
+        num = self.num
+        mask = self.mask
+        ram = self.ram
+        base = self.mem_base
+        size = self.mem_size
+        desc_off = self.desc_off
+        indirect = self.indirect
+        unpack3 = UNPACK_DESC3
+        last = self.last_avail_idx
+        seen = self.avail_seen
+        inflight = self.inflight
+        rbytes = 0
+        try:
+            while len(out) < limit:
+                if last == seen:
+                    # Re-read avail->idx only when what was seen is used up (vhost's
+                    # vq->avail_idx): the driver rewrites that cache line on every add.
+                    avail = avail_h[1]
+                    if avail == last:
+                        break
+                    if (avail - last) & 0xFFFF > num:
+                        raise RingError(Reason.INVALID_AVAIL_IDX,
+                                        f"avail idx {avail}, last seen {last}, size {num}")
+                    seen = avail
+                if inflight >= num:
+                    raise RingError(Reason.TOO_MANY_IN_FLIGHT,
+                                    f"{inflight} chains not yet used")
+                # avail idx was read before the entry: TSO keeps loads in order (virtio_rmb).
+                head = avail_h[2 + (last & mask)]
+                if head >= num:
+                    raise RingError(Reason.INVALID_HEAD,
+                                    f"head {head} in avail ring slot {last & mask}")
+                chain = chains[head]
+                fast = False
+                if head + 3 <= num:
+                    at = desc_off + 16 * head
+                    a0, l0, f0, n0, a1, l1, f1, n1, a2, l2, f2, _ = unpack3(ram, at)
+                    first = head + 1
+                    ndescs = 3
+                    if f0 == INDIRECT and l0 == 48 and indirect:
+                        t = a0 - base
+                        if 0 <= t <= size - 48:
+                            a0, l0, f0, n0, a1, l1, f1, n1, a2, l2, f2, _ = unpack3(ram, t)
+                            first = 1
+                            ndescs = 4
+                    o0 = a0 - base
+                    o1 = a1 - base
+                    o2 = a2 - base
+                    if (f0 & 5 == 1 and f1 & 5 == 1 and not f2 & 5 and n0 == first
+                            and n1 == first + 1 and o0 >= 0 and o1 >= 0 and o2 >= 0
+                            and 0 < l0 <= size - o0 and 0 < l1 <= size - o1
+                            and 0 < l2 <= size - o2):
+                        w = (f0 & WRITE) | (f1 & WRITE) << 1 | (f2 & WRITE) << 2
+                        fast = True
+                        if w == 8:          # read, read, write: a block write
+                            chain.r_off = [o0, o1]
+                            chain.r_len = [l0, l1]
+                            chain.w_off = [o2]
+                            chain.w_len = [l2]
+                            chain.rlen = l0 + l1
+                            chain.wlen = l2
+                        elif w == 12:       # read, write, write: a block read
+                            chain.r_off = [o0]
+                            chain.r_len = [l0]
+                            chain.w_off = [o1, o2]
+                            chain.w_len = [l1, l2]
+                            chain.rlen = l0
+                            chain.wlen = l1 + l2
+                        elif w == 0:
+                            chain.r_off = [o0, o1, o2]
+                            chain.r_len = [l0, l1, l2]
+                            chain.w_off = []
+                            chain.w_len = []
+                            chain.rlen = l0 + l1 + l2
+                            chain.wlen = 0
+                        elif w == 14:
+                            chain.r_off = []
+                            chain.r_len = []
+                            chain.w_off = [o0, o1, o2]
+                            chain.w_len = [l0, l1, l2]
+                            chain.rlen = 0
+                            chain.wlen = l0 + l1 + l2
+                        else:
+                            fast = False    # readable after writable: _walk names it
+                        if fast:
+                            if l0 + l1 + l2 > MAX_CHAIN_BYTES:
+                                fast = False
+                            else:
+                                chain.head = head
+                                chain.ndescs = ndescs
+                if not fast:
+                    self._walk(chain, head)
+                last = (last + 1) & 0xFFFF
+                inflight += 1
+                rbytes += chain.rlen
+                out.append(chain)
+        finally:
+            self.last_avail_idx = last
+            self.avail_seen = seen
+            self.inflight = inflight
+            self.n_popped += len(out)
+            self.n_bytes_read += rbytes
+        return out
+
+    def _walk(self, chain: DescChain, head: int) -> None:
+        """Fill `chain` from the descriptors starting at `head`, following NEXT and INDIRECT.
+
         A published descriptor does not change under the device, so each is read whole with
         one struct.unpack_from (the cheapest load in CPython; DESIGN.md allows struct for bytes
         published by an index store). Every buffer is range-checked and kept as a RAM offset."""
-        last = self.last_avail_idx
-        avail_h = self.avail_h
-        avail = avail_h[1]
-        if avail == last:
-            return None
-        num = self.num
-        if (avail - last) & 0xFFFF > num:
-            raise RingError(Reason.INVALID_AVAIL_IDX,
-                            f"avail idx {avail}, last seen {last}, size {num}")
-        if self.inflight >= num:
-            raise RingError(Reason.TOO_MANY_IN_FLIGHT, f"{self.inflight} chains not yet used")
-        # avail idx was read before the entry: TSO keeps the loads in order (virtio_rmb).
-        head = avail_h[2 + (last & self.mask)]
-        if head >= num:
-            raise RingError(Reason.INVALID_HEAD,
-                            f"head {head} in avail ring slot {last & self.mask}")
-        chain = self._chains[head]
-        if head + 3 <= num and self._pop3(chain, head):
-            self.last_avail_idx = (last + 1) & 0xFFFF
-            self.inflight += 1
-            self.n_popped += 1
-            self.n_bytes_read += chain.rlen
-            return chain
         r_off = chain.r_off
         r_len = chain.r_len
         w_off = chain.w_off
@@ -132,7 +231,7 @@ class SplitQueue:
         unpack = UNPACK_DESC
         tbl = self.ram
         tb = self.desc_off
-        table_size = num
+        table_size = self.num
         base = self.mem_base
         size = self.mem_size
         in_indirect = False
@@ -177,65 +276,6 @@ class SplitQueue:
         chain.rlen = rlen
         chain.wlen = wlen
         chain.ndescs = count
-        self.last_avail_idx = (last + 1) & 0xFFFF
-        self.inflight += 1
-        self.n_popped += 1
-        self.n_bytes_read += rlen
-        return chain
-
-    def _pop3(self, chain: DescChain, head: int) -> bool:
-        """The common chain, read with one call: three consecutive direct descriptors from
-        `head` (a block request: header, data, status). Fills `chain` and returns True if the
-        chain is exactly that and valid; anything else (including every error) is left to the
-        general walk, which reports it precisely."""
-        a0, l0, f0, n0, a1, l1, f1, n1, a2, l2, f2, _ = UNPACK_DESC3(self.ram,
-                                                                     self.desc_off + 16 * head)
-        if f0 & 5 != 1 or f1 & 5 != 1 or f2 & 5 or n0 != head + 1 or n1 != head + 2:
-            return False
-        base = self.mem_base
-        size = self.mem_size
-        o0 = a0 - base
-        o1 = a1 - base
-        o2 = a2 - base
-        if o0 < 0 or o1 < 0 or o2 < 0 or not (0 < l0 <= size - o0 and 0 < l1 <= size - o1
-                                              and 0 < l2 <= size - o2):
-            return False
-        writable = (f0 & WRITE) | (f1 & WRITE) << 1 | (f2 & WRITE) << 2
-        if writable == 8:          # read, read, write
-            chain.r_off = [o0, o1]
-            chain.r_len = [l0, l1]
-            chain.w_off = [o2]
-            chain.w_len = [l2]
-            chain.rlen = l0 + l1
-            chain.wlen = l2
-        elif writable == 12:       # read, write, write
-            chain.r_off = [o0]
-            chain.r_len = [l0]
-            chain.w_off = [o1, o2]
-            chain.w_len = [l1, l2]
-            chain.rlen = l0
-            chain.wlen = l1 + l2
-        elif writable == 0:
-            chain.r_off = [o0, o1, o2]
-            chain.r_len = [l0, l1, l2]
-            chain.w_off = []
-            chain.w_len = []
-            chain.rlen = l0 + l1 + l2
-            chain.wlen = 0
-        elif writable == 14:
-            chain.r_off = []
-            chain.r_len = []
-            chain.w_off = [o0, o1, o2]
-            chain.w_len = [l0, l1, l2]
-            chain.rlen = 0
-            chain.wlen = l0 + l1 + l2
-        else:
-            return False           # readable after writable: the walk reports it
-        if chain.rlen + chain.wlen > MAX_CHAIN_BYTES:
-            return False
-        chain.head = head
-        chain.ndescs = 3
-        return True
 
     def _indirect(self, addr: int, ln: int, flags: int, i: int, head: int,
                   in_indirect: bool) -> tuple[memoryview, int, int]:
@@ -256,23 +296,48 @@ class SplitQueue:
         return self.ram, off, ln // R.DESC_SIZE
 
     # ---- used side -------------------------------------------------------------------------------
-    def push(self, head: int, written: int) -> None:
-        """Return the chain `head` with `written` bytes written to its writable part."""
+    # QEMU's pair: fill writes a used element, flush publishes every filled element with one
+    # store of used->idx; push is both. A device that serves a batch fills each request and
+    # flushes once, so the line the driver polls changes hands once per batch.
+    def fill(self, head: int, written: int) -> None:
+        """Write the used element for chain `head` (`written` bytes), not yet published."""
         used = self.last_used_idx
         k = 1 + 2 * (used & self.mask)
         ui = self.used_i
         ui[k] = head
         ui[k + 1] = written
-        used = (used + 1) & R.IDX_MASK
-        self.last_used_idx = used
-        # The element is written; now the index that publishes it.
-        self.used_h[R.USED_H_IDX] = used
+        self.last_used_idx = (used + 1) & R.IDX_MASK
         self.inflight -= 1
         self.n_used += 1
         self.n_bytes_written += written
 
+    def flush(self) -> None:
+        """Publish the filled elements: the elements are written; now the index."""
+        self.used_h[R.USED_H_IDX] = self.last_used_idx
+
+    def fill_batch(self, chains: list[DescChain], written: list[int]) -> None:
+        """fill() for each chain with its written length, then one flush()."""
+        used = self.last_used_idx
+        mask = self.mask
+        ui = self.used_i
+        for chain, n in zip(chains, written, strict=True):
+            k = 1 + 2 * (used & mask)
+            ui[k] = chain.head
+            ui[k + 1] = n
+            used = (used + 1) & 0xFFFF
+        self.last_used_idx = used
+        self.inflight -= len(chains)
+        self.n_used += len(chains)
+        self.n_bytes_written += sum(written)
+        self.used_h[R.USED_H_IDX] = used
+
+    def push(self, head: int, written: int) -> None:
+        """Return the chain `head` with `written` bytes written to its writable part."""
+        self.fill(head, written)
+        self.used_h[R.USED_H_IDX] = self.last_used_idx
+
     def need_notify(self) -> bool:
-        """vhost_notify: whether the driver wants an interrupt for what was used."""
+        """vhost_notify: whether the driver wants an interrupt for what was used (flushed)."""
         # The used idx store must be visible before the driver's event index is read.
         full_barrier()
         if not self.event_idx:

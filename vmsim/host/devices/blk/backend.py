@@ -10,6 +10,9 @@ class BlkBackend:
 
     size: int
     description: str
+    # The bytes themselves when the backend is memory (a RAM disk); requests copy straight
+    # between it and guest RAM.
+    mem: memoryview | None = None
 
     def read_into(self, offset: int, bufs: Sequence[memoryview]) -> int:
         """Read from `offset` into the buffers, in order."""
@@ -92,7 +95,7 @@ class MemoryBackend(BlkBackend):
     def __init__(self, size: int) -> None:
         self.size = size
         self._mm = mmap.mmap(-1, max(size, 1))
-        self._mv = memoryview(self._mm)
+        self._mv = self.mem = memoryview(self._mm)
         self.description = "memory"
 
     def read_into(self, offset: int, bufs: Sequence[memoryview]) -> int:
@@ -125,7 +128,7 @@ class MemoryBackend(BlkBackend):
         self._mv.release()
         self._mm.close()
         self._mm = mm
-        self._mv = memoryview(mm)
+        self._mv = self.mem = memoryview(mm)
         self.size = size
 
     def write_one(self, offset: int, ram: memoryview, at: int, length: int) -> None:

@@ -74,7 +74,12 @@ class BlkRequestHandler:
                 return 1
             try:
                 if nsegs == 1 and w_len[-1] == 1:
-                    self.backend.read_one(pos, ram, w_off[0], length)
+                    mem = self.backend.mem
+                    if mem is not None:      # a RAM disk: one copy, no call
+                        at = w_off[0]
+                        ram[at:at + length] = mem[pos:pos + length]
+                    else:
+                        self.backend.read_one(pos, ram, w_off[0], length)
                 else:
                     self.backend.read_into(pos, chain.writable_views(0, length))
             except OSError:
@@ -102,7 +107,12 @@ class BlkRequestHandler:
             pos = sector << SHIFT
             try:
                 if simple:
-                    self.backend.write_one(pos, ram, r_off[1], length)
+                    mem = self.backend.mem
+                    if mem is not None:
+                        at = r_off[1]
+                        mem[pos:pos + length] = ram[at:at + length]
+                    else:
+                        self.backend.write_one(pos, ram, r_off[1], length)
                 elif length:
                     self.backend.write_from(pos, chain.readable_views(HDR, length))
             except OSError:
