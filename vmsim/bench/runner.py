@@ -98,7 +98,7 @@ def run_bench(seconds: float, json_path: str | None, rounds: int = 1) -> int:
         t.add_row(x["name"], f"{x['requests_per_s']:,.0f}", x["baseline"],
                   f"{x['baseline_requests_per_s']:,.0f}", f"{x['ratio']:.2f}",
                   f"{x['kicks_per_request']:.4f}", f"{x['interrupts_per_request']:.4f}")
-    Console(highlight=False).print(t)
+    Console(highlight=False, width=None if sys.stdout.isatty() else 120).print(t)
     if json_path:
         doc = {"bench": "vmsim", "seconds": seconds, "rounds": rounds,
                "cpu_parallelism": {"before": par_before, "after": par_after},
@@ -108,5 +108,4 @@ def run_bench(seconds: float, json_path: str | None, rounds: int = 1) -> int:
         with open(json_path, "w") as f:
             json.dump(doc, f, indent=2)
             f.write("\n")
-    _ = sys
     return 0

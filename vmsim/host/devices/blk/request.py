@@ -66,7 +66,7 @@ class BlkRequestHandler:
             length = chain.wlen - 1
             nsegs = len(w_off) - (w_len[-1] == 1)
             pos = sector << SHIFT
-            # _in_range, written out: this is the common request
+            # data length a multiple of 512, within capacity, within seg_max segments
             if length & SECTOR_MASK or pos + length > self.capacity_bytes \
                     or nsegs > self.seg_max:
                 self.metrics.io_errors += 1
@@ -94,17 +94,23 @@ class BlkRequestHandler:
 
         if typ == T_OUT:
             length = chain.rlen - HDR
-            r_len = chain.r_len
-            simple = r_len[0] == HDR and len(r_off) == 2
-            nsegs = len(r_off) - 1 if r_len[0] == HDR else len(chain.readable_views(HDR, length))
+            if chain.r_len[0] == HDR:
+                nsegs = len(r_off) - 1
+                simple = nsegs == 1
+            else:
+                nsegs = len(chain.readable_views(HDR, length))
+                simple = False
             if self.readonly:
                 self.metrics.io_errors += 1
                 ram[status_at] = S_IOERR
                 return 1
-            if not self._in_range(sector, length, nsegs):
+            pos = sector << SHIFT
+            # data length a multiple of 512, within capacity, within seg_max segments
+            if length & SECTOR_MASK or pos + length > self.capacity_bytes \
+                    or nsegs > self.seg_max:
+                self.metrics.io_errors += 1
                 ram[status_at] = S_IOERR
                 return 1
-            pos = sector << SHIFT
             try:
                 if simple:
                     mem = self.backend.mem
@@ -147,11 +153,3 @@ class BlkRequestHandler:
         self.metrics.unsupported += 1
         ram[status_at] = S_UNSUPP
         return 1
-
-    def _in_range(self, sector: int, length: int, nsegs: int) -> bool:
-        """Data length a multiple of 512, within capacity, within seg_max segments."""
-        if length & SECTOR_MASK or (sector << SHIFT) + length > self.capacity_bytes \
-                or nsegs > self.seg_max:
-            self.metrics.io_errors += 1
-            return False
-        return True
