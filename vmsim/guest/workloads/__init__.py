@@ -116,6 +116,47 @@ class Workload:
         """Free what the workload allocated (after the devices are removed)."""
 
 
+class WindowWorkload(Workload):
+    """A workload that keeps a window of request slots busy: each slot issues a request, and
+    its completion issues the next. A slot whose request could not be queued (the ring or the
+    driver's slots were full) waits in `deferred` for the next completion."""
+
+    def __init__(self, name: str, spec: dict[str, Any], devices: dict[str, VirtioDevice],
+                 stats: memoryview | None) -> None:
+        super().__init__(name, spec, devices, stats)
+        self.deferred: list[int] = []
+
+    def _issue(self, slot: int) -> None:
+        """Issue the next request on `slot` (in_flight already counts it)."""
+        raise NotImplementedError
+
+    def fill_window(self, blk: Any, window: int) -> None:
+        """Start `window` slots, kicking once for all of them."""
+        self.idle_event.clear()
+        with blk.plug():
+            for slot in range(window):
+                self.in_flight += 1
+                self._issue(slot)
+
+    def _slot_idle(self) -> None:
+        """A slot issues nothing more; the last one finishes the workload."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle_event.set()
+            self._finish()
+
+    def _next(self, slot: int) -> None:
+        """After a completion on `slot`: issue on it, then on the slots that were waiting."""
+        self._issue(slot)
+        deferred = self.deferred
+        while deferred and not self.stopping:
+            self._issue(deferred.pop())
+        if self.stopping:
+            while deferred:
+                deferred.pop()
+                self._slot_idle()
+
+
 class FailedWorkload(Workload):
     """Stands in for a workload that could not be created, so the run reports its error."""
 

@@ -8,13 +8,13 @@ from vmsim.abi import blk as B
 from vmsim.guest.drivers.blk import EAGAIN, VirtioBlk
 from vmsim.guest.memory import DmaMemory
 from vmsim.guest.virtio.core import VirtioDevice
-from vmsim.guest.workloads import Workload, WorkloadError
+from vmsim.guest.workloads import WindowWorkload, WorkloadError
 
 TABLE_SIZE = 1 << 16
 TABLE_MASK = TABLE_SIZE - 1
 
 
-class BlkBench(Workload):
+class BlkBench(WindowWorkload):
     kind = "blk-bench"
 
     def __init__(self, name: str, spec: dict[str, Any], devices: dict[str, VirtioDevice],
@@ -54,7 +54,6 @@ class BlkBench(Workload):
         self.submit = self.blk.submit
         self.done_cb = self._done      # one bound method, not one per request
         self.bufs: list[tuple[tuple[int, int],]] = []
-        self.deferred: list[int] = []
 
     def start(self) -> None:
         super().start()
@@ -62,11 +61,7 @@ class BlkBench(Workload):
             gpa, view = self.dma.alloc(self.bs, 4096, zero=False)
             view.release()
             self.bufs.append(((gpa, self.bs),))
-        self.idle_event.clear()
-        with self.blk.plug():
-            for slot in range(self.window):
-                self.in_flight += 1
-                self._issue(slot)
+        self.fill_window(self.blk, self.window)
 
     def _issue(self, slot: int) -> None:
         if self.stopping or self.budget <= 0:
@@ -85,24 +80,11 @@ class BlkBench(Workload):
             self.error(f"submit failed: errno {-err}")
             self._slot_idle()
 
-    def _slot_idle(self) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self.idle_event.set()
-            self._finish()
-
     def _done(self, status: int, slot: int) -> None:
         self.ops += 1
         if status != B.VIRTIO_BLK_S_OK:
             self.error(f"request failed with status {status}")
-        self._issue(slot)
-        deferred = self.deferred
-        while deferred and not self.stopping:
-            self._issue(deferred.pop())
-        if self.stopping:
-            while deferred:
-                deferred.pop()
-                self._slot_idle()
+        self._next(slot)
 
     def publish_stats(self) -> None:
         # Derived rather than counted per request: requests are issued in table order, so the

@@ -15,13 +15,13 @@ from vmsim.abi import blk as B
 from vmsim.guest.drivers.blk import EAGAIN, VirtioBlk
 from vmsim.guest.memory import DmaMemory
 from vmsim.guest.virtio.core import VirtioDevice
-from vmsim.guest.workloads import Workload, WorkloadError
+from vmsim.guest.workloads import WindowWorkload, WorkloadError
 
 STAMP = struct.Struct("<QQ")
 POOL_BYTES = 1 << 20
 
 
-class BlkVerify(Workload):
+class BlkVerify(WindowWorkload):
     kind = "blk-verify"
 
     def __init__(self, name: str, spec: dict[str, Any], devices: dict[str, VirtioDevice],
@@ -49,7 +49,6 @@ class BlkVerify(Workload):
         self.written: list[int] = []           # blocks with known contents (random choice)
         self.busy: set[int] = set()
         self.writes_since_flush = 0
-        self.deferred: list[int] = []
         self.bufs: list[tuple[int, memoryview]] = []
         self.sectors_per_block = self.bs // B.SECTOR_SIZE
         self.readonly = self.blk.readonly
@@ -74,11 +73,7 @@ class BlkVerify(Workload):
             self.dma.free(gpa)
         for _ in range(self.window):
             self.bufs.append(self.dma.alloc(self.bs, 4096, zero=False))
-        self.idle_event.clear()
-        with self.blk.plug():
-            for slot in range(self.window):
-                self.in_flight += 1
-                self._issue(slot)
+        self.fill_window(self.blk, self.window)
 
     # ---- one slot's life: issue, complete, issue again -------------------------------------------
     def _issue(self, slot: int) -> None:
@@ -140,21 +135,6 @@ class BlkVerify(Workload):
 
     def _defer(self, slot: int) -> None:
         self.deferred.append(slot)
-
-    def _slot_idle(self) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self.idle_event.set()
-            self._finish()
-
-    def _next(self, slot: int) -> None:
-        self._issue(slot)
-        while self.deferred and not self.stopping:
-            self._issue(self.deferred.pop())
-        if self.stopping:
-            while self.deferred:
-                self.deferred.pop()
-                self._slot_idle()
 
     def _write_done(self, status: int, arg: tuple[int, int, int]) -> None:
         slot, block, gen = arg
