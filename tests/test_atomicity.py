@@ -31,7 +31,7 @@ import pytest
 from vmsim.abi import features as F
 from vmsim.abi import split_ring as R
 from vmsim.guest.memory import DmaMemory, GuestRAM
-from vmsim.guest.virtio.ring_split import vring_create_virtqueue_split
+from vmsim.guest.virtio.vring import vring_create_virtqueue
 from vmsim.host.memory import GuestMemory
 from vmsim.host.virtio.queue_split import SplitQueue
 from vmsim.machine import shm
@@ -63,7 +63,7 @@ class Shared:
             feats |= F.bit(F.VIRTIO_RING_F_EVENT_IDX)
         self.ram = GuestRAM(self.mm, BASE)
         self.dma = DmaMemory(self.ram)
-        self.vq = vring_create_virtqueue_split(0, NUM, 4, self.dma, feats, lambda vq: True,
+        self.vq = vring_create_virtqueue(0, NUM, 4, self.dma, feats, lambda vq: True,
                                                lambda vq: None, "atomicity")
         self.mem = GuestMemory(self.mm, BASE)
         self.dev = SplitQueue(self.mem, NUM, self.vq.desc_addr, self.vq.avail_addr,

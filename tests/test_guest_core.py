@@ -52,9 +52,9 @@ V1 = F.bit(F.VIRTIO_F_VERSION_1)
 EVENT_IDX = F.bit(F.VIRTIO_RING_F_EVENT_IDX)
 INDIRECT = F.bit(F.VIRTIO_RING_F_INDIRECT_DESC)
 # BlkDevice's default offer, and what virtio_blk + the split ring accept of it.
-BLK_DEFAULT = (V1 | INDIRECT | EVENT_IDX | F.bit(B.VIRTIO_BLK_F_SEG_MAX)
-               | F.bit(B.VIRTIO_BLK_F_BLK_SIZE) | F.bit(B.VIRTIO_BLK_F_FLUSH)
-               | F.bit(B.VIRTIO_BLK_F_TOPOLOGY))
+BLK_DEFAULT = (V1 | INDIRECT | EVENT_IDX | F.bit(F.VIRTIO_F_RING_RESET)
+               | F.bit(B.VIRTIO_BLK_F_SEG_MAX) | F.bit(B.VIRTIO_BLK_F_BLK_SIZE)
+               | F.bit(B.VIRTIO_BLK_F_FLUSH) | F.bit(B.VIRTIO_BLK_F_TOPOLOGY))
 
 
 def wait_for(cond, timeout: float = 5.0, what: str = "condition") -> None:
@@ -309,8 +309,8 @@ def test_probe_status_sequence_and_features(machine):
 
 def test_negotiation_keeps_only_what_driver_and_ring_support(machine):
     offer = (F.bit(B.VIRTIO_BLK_F_GEOMETRY) | F.bit(B.VIRTIO_BLK_F_CONFIG_WCE)   # no driver
-             | F.bit(F.VIRTIO_F_RING_PACKED) | F.bit(F.VIRTIO_F_IN_ORDER)         # no ring
-             | F.bit(F.VIRTIO_F_NOTIFICATION_DATA))
+             | F.bit(F.VIRTIO_F_ORDER_PLATFORM) | F.bit(F.VIRTIO_F_SR_IOV)        # no ring
+             | F.bit(F.VIRTIO_F_ADMIN_VQ))
     m = machine(dev_kw=dict(offer=offer))
     assert m.boot() == 0
     assert m.vdev.device_features == BLK_DEFAULT | offer

@@ -21,7 +21,7 @@ from vmsim.abi import ids
 from vmsim.abi import mmio as M
 from vmsim.abi import status as S
 from vmsim.guest.memory import DmaMemory, GuestRAM
-from vmsim.guest.virtio.ring_split import vring_create_virtqueue_split, vring_del_virtqueue
+from vmsim.guest.virtio.vring import vring_create_virtqueue, vring_del_virtqueue
 from vmsim.host.devices.blk.backend import FileBackend, MemoryBackend
 from vmsim.host.devices.blk.device import BlkDevice
 from vmsim.host.memory import GuestMemory
@@ -38,6 +38,7 @@ ACK, DRV, FOK, DOK = S.ACKNOWLEDGE, S.DRIVER, S.FEATURES_OK, S.DRIVER_OK
 V1 = F.bit(F.VIRTIO_F_VERSION_1)
 # What BlkDevice offers with no offer/withhold, read-write, one queue.
 BLK_DEFAULT = (V1 | F.bit(F.VIRTIO_RING_F_INDIRECT_DESC) | F.bit(F.VIRTIO_RING_F_EVENT_IDX)
+               | F.bit(F.VIRTIO_F_RING_RESET)
                | F.bit(B.VIRTIO_BLK_F_SEG_MAX) | F.bit(B.VIRTIO_BLK_F_BLK_SIZE)
                | F.bit(B.VIRTIO_BLK_F_FLUSH) | F.bit(B.VIRTIO_BLK_F_TOPOLOGY))
 
@@ -607,7 +608,7 @@ class Blk:
         self.dev = rig.dev
         assert rig.negotiate(features) == ACK | DRV | FOK
         # a callback: a queue without one asks the device for no interrupts (as in Linux)
-        self.vq = vring_create_virtqueue_split(0, 8, 4096, rig.dma, features,
+        self.vq = vring_create_virtqueue(0, 8, 4096, rig.dma, features,
                                                notify=lambda q: True, callback=lambda q: None,
                                                name="q")
         rig.vqs.append(self.vq)

@@ -38,8 +38,8 @@ from hypothesis.stateful import (
 from vmsim.abi import features as F
 from vmsim.abi import split_ring as R
 from vmsim.guest.memory import DmaMemory, GuestRAM
-from vmsim.guest.virtio.ring_split import INDIRECT_MAX, vring_create_virtqueue_split
-from vmsim.guest.virtio.virtqueue import EIO, ENOSPC
+from vmsim.guest.virtio.virtqueue import EIO, ENOSPC, INDIRECT_MAX
+from vmsim.guest.virtio.vring import vring_create_virtqueue
 from vmsim.host.memory import GuestMemory
 from vmsim.host.virtio.queue_split import SplitQueue
 
@@ -83,7 +83,7 @@ class Rig:
         self.dma = DmaMemory(self.ram)
         self.notifies = 0
         self.callbacks = 0
-        self.vq = vring_create_virtqueue_split(
+        self.vq = vring_create_virtqueue(
             0, num, vring_align, self.dma, features(event, indirect), self._notify,
             self._callback if callback else None, "test-vq")
         self.mem = GuestMemory(self.mm, BASE)

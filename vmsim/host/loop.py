@@ -95,7 +95,7 @@ class EventLoop:
             n = 0
             for dev, q in self.live:
                 ring = q.ring
-                if ring is not None and ring.avail_h[1] != ring.last_avail_idx:
+                if ring is not None and ring.has_work():
                     t0 = mono()
                     n += dev.service(q)
                     self.busy_ns += mono() - t0

@@ -58,7 +58,7 @@ def host_spec(topo: Topology, lay: RunLayout, config_dir: Path) -> dict[str, Any
         for dname, dev in vm.devices.items():
             offer, withhold = dev.feature_bits()
             d: dict[str, Any] = {
-                "name": dname, "type": dev.type, "transport": dev.transport,
+                "name": dname, "type": dev.type, "transport": dev.transport, "ring": dev.ring,
                 "queue_size": dev.queue_size, "num_queues": queues_of(dev),
                 "offer": offer, "withhold": withhold,
                 "faults": dev.faults.model_dump(),

@@ -47,7 +47,7 @@ def build_summary(*, topo: Topology, layout: RunLayout, stats: StatsRegion, sour
             for i, rec in enumerate(layout.queue_records[(vname, dname)]):
                 q = snapshot(stats.queue(rec), Q)
                 queues.append({
-                    "index": i, "ring": "packed" if q["ring"] else dev.ring,
+                    "index": i, "ring": "packed" if q["ring"] else "split",
                     "size": q["size"] or dev.queue_size,
                     "added": q["added"], "used": q["used"],
                     "in_flight": q["added"] - q["completed"] - q["detached"],

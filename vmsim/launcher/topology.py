@@ -66,7 +66,8 @@ class Faults(Strict):
 class BlkDeviceSpec(Strict):
     type: Literal["blk"]
     transport: Literal["mmio"] = "mmio"
-    ring: Literal["split"] = "split"
+    ring: Literal["split", "packed"] = Field(
+        "split", description="packed: the device offers VIRTIO_F_RING_PACKED")
     queue_size: int = 256
     num_queues: int = Field(1, ge=1, le=64)
     features: FeatureSpec = Field(default_factory=FeatureSpec)
@@ -82,8 +83,8 @@ class BlkDeviceSpec(Strict):
     @field_validator("queue_size")
     @classmethod
     def _queue_size(cls, v: int) -> int:
-        if not (0 < v <= 32768 and v & (v - 1) == 0):
-            raise ValueError(f"expected a power of two from 1 to 32768, got {v}")
+        if not 0 < v <= 32768:
+            raise ValueError(f"expected 1 to 32768 (a power of two for a split ring), got {v}")
         return v
 
     @field_validator("size")
@@ -106,6 +107,13 @@ class BlkDeviceSpec(Strict):
         if v is not None and len(v.encode()) > B.VIRTIO_BLK_ID_BYTES:
             raise ValueError(f"expected at most {B.VIRTIO_BLK_ID_BYTES} bytes, got {len(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _ring_size(self) -> "BlkDeviceSpec":
+        if self.ring == "split" and self.queue_size & (self.queue_size - 1):
+            raise ValueError(f"queue_size: expected a power of two from 1 to 32768 for a split "
+                             f"ring, got {self.queue_size} (a packed ring may have any size)")
+        return self
 
     @model_validator(mode="after")
     def _backend(self) -> "BlkDeviceSpec":

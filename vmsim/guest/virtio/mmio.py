@@ -16,8 +16,8 @@ from vmsim.abi import mmio as M
 from vmsim.guest.memory import DmaMemory, OutOfGuestMemory
 from vmsim.guest.platform import IrqController, Platform
 from vmsim.guest.virtio.core import VirtioDevice, virtio_config_changed
-from vmsim.guest.virtio.ring_split import vring_create_virtqueue_split, vring_del_virtqueue
 from vmsim.guest.virtio.virtqueue import Virtqueue, vring_transport_features
+from vmsim.guest.virtio.vring import vring_create_virtqueue, vring_del_virtqueue
 
 log = logging.getLogger("vmsim.guest")
 
@@ -137,6 +137,12 @@ class VirtioMmio:
         self.platform.writel(self.base + M.QUEUE_NOTIFY, vq.index)
         return True
 
+    def _notify_with_data(self, vq: Virtqueue) -> bool:
+        """vm_notify_with_data: the queue index with the next available position (the value
+        matches no ioeventfd, so each such kick is a trapped write, as on real hardware)."""
+        self.platform.writel(self.base + M.QUEUE_NOTIFY, vq.notification_data())
+        return True
+
     def find_vqs(self, vdev: VirtioDevice, nvqs: int,
                  callbacks: Sequence[Callable[[Virtqueue], None] | None],
                  names: Sequence[str], sizes: Sequence[int] | None = None) -> list[Virtqueue]:
@@ -164,25 +170,65 @@ class VirtioMmio:
             raise OSError(errno.ENOENT, f"queue {index} not available")
         if want:
             num = min(num, want)
+        notify = (self._notify_with_data if vdev.has_feature(F.VIRTIO_F_NOTIFICATION_DATA)
+                  else self._notify)
         while True:
             # may_reduce_num: halve the ring until its memory can be allocated
             try:
-                vq = vring_create_virtqueue_split(index, num, VIRTIO_MMIO_VRING_ALIGN, self.dma,
-                                                  vdev.features, self._notify, callback, name,
-                                                  self.queue_stats(index))
+                vq = vring_create_virtqueue(index, num, VIRTIO_MMIO_VRING_ALIGN, self.dma,
+                                            vdev.features, notify, callback, name,
+                                            self.queue_stats(index))
                 break
             except OutOfGuestMemory:
                 if num <= 1:
                     raise
                 num //= 2
+        vq.num_max = rd(self.base + M.QUEUE_NUM_MAX)
         vq.vdev = vdev
+        self._activate(vq)
+        return vq
+
+    def _activate(self, vq: Virtqueue) -> None:
+        """Program the selected queue's size and ring addresses, then QueueReady."""
+        wr = self.platform.writel
+        wr(self.base + M.QUEUE_SEL, vq.index)
         wr(self.base + M.QUEUE_NUM, vq.get_vring_size())
         for lo, addr in ((M.QUEUE_DESC_LOW, vq.desc_addr), (M.QUEUE_DRIVER_LOW, vq.avail_addr),
                          (M.QUEUE_DEVICE_LOW, vq.used_addr)):
             wr(self.base + lo, addr & 0xFFFFFFFF)
             wr(self.base + lo + 4, addr >> 32)
         wr(self.base + M.QUEUE_READY, 1)
-        return vq
+
+    # ---- per-queue reset (VIRTIO_F_RING_RESET) ---------------------------------------------------
+    def disable_vq_and_reset(self, vq: Virtqueue) -> int:
+        """Write 1 to QueueReset and wait until it reads 0, then QueueReady reads 0 too (the
+        spec's QueueReset; Linux does the same through PCI's queue_reset)."""
+        vdev = vq.vdev
+        if not vdev.has_feature(F.VIRTIO_F_RING_RESET):
+            return -errno.ENOENT
+        wr, rd = self.platform.writel, self.platform.readl
+        wr(self.base + M.QUEUE_SEL, vq.index)
+        wr(self.base + M.QUEUE_RESET, 1)
+        for reg in (M.QUEUE_RESET, M.QUEUE_READY):
+            for _ in range(1000):
+                if not rd(self.base + reg):
+                    break
+            else:
+                return -errno.EBUSY
+        vq.reset = True
+        return 0
+
+    def enable_vq_after_reset(self, vq: Virtqueue) -> int:
+        """Set the (possibly new) ring up again and make the queue ready."""
+        if not getattr(vq, "reset", False):
+            return -errno.EBUSY
+        rd = self.platform.readl
+        self.platform.writel(self.base + M.QUEUE_SEL, vq.index)
+        if rd(self.base + M.QUEUE_RESET) or rd(self.base + M.QUEUE_READY):
+            return -errno.EBUSY
+        self._activate(vq)
+        vq.reset = False
+        return 0
 
     def del_vqs(self, vdev: VirtioDevice) -> None:
         """vm_del_vqs: disable each queue on the device, free the ring, free the irq."""

@@ -16,30 +16,30 @@ barrier runs (vmsim.machine.barrier). The driver never trusts the ring for its o
 free list and chain links live in private lists (desc_next), as Linux keeps desc_extra.
 """
 
-import struct
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from vmsim.abi import features as F
 from vmsim.abi import split_ring as R
-from vmsim.guest.memory import DmaMemory, OutOfGuestMemory
-from vmsim.guest.virtio.virtqueue import EIO, ENOSPC, Sg, Virtqueue
+from vmsim.guest.memory import DmaMemory
+from vmsim.guest.virtio.virtqueue import (
+    EIO,
+    ENOSPC,
+    FLAGS3,
+    INDIRECT_MAX,
+    PACK_DESC3,
+    Sg,
+    Virtqueue,
+)
 from vmsim.machine.barrier import full_barrier
 
 NEXT = R.VRING_DESC_F_NEXT
 WRITE = R.VRING_DESC_F_WRITE
 INDIRECT = R.VRING_DESC_F_INDIRECT
 PACK_DESC = R.DESC.pack_into
-PACK_DESC3 = struct.Struct("<" + "QIHH" * 3).pack_into
-# flags of the three descriptors of a chain, by how many of them the device reads
-FLAGS3 = ((NEXT | WRITE, NEXT | WRITE, WRITE), (NEXT, NEXT | WRITE, WRITE),
-          (NEXT, NEXT, WRITE), (NEXT, NEXT, 0))
 NO_INTERRUPT = R.VRING_AVAIL_F_NO_INTERRUPT
 NO_NOTIFY = R.VRING_USED_F_NO_NOTIFY
-
-# Entries of one indirect table. A chain with more segments falls back to direct descriptors
-# (Linux falls back when kmalloc of the table fails).
-INDIRECT_MAX = 16
 
 
 def _last_entry(out_sgs: Sequence[Sg], in_sgs: Sequence[Sg]) -> tuple[int, int, int]:
@@ -58,11 +58,18 @@ class SplitVirtqueue(Virtqueue):
                  used_addr: int, features: int, notify: Callable[[Virtqueue], bool],
                  callback: Callable[[Virtqueue], None] | None, name: str,
                  stats: memoryview | None = None) -> None:
+        super().__init__(index, name, num, callback, notify, stats, dma)
+        self.event = F.has(features, F.VIRTIO_RING_F_EVENT_IDX)
+        self.indirect = F.has(features, F.VIRTIO_RING_F_INDIRECT_DESC)
+        self.in_order = F.has(features, F.VIRTIO_F_IN_ORDER)
+        self.attach(num, desc_addr, avail_addr, used_addr)
+
+    def attach(self, num: int, desc_addr: int, avail_addr: int, used_addr: int) -> None:
+        """Use the ring at these addresses (a new queue, or one resized after a reset)."""
         if not R.is_power_of_two(num) or num > R.MAX_QUEUE_SIZE:
             raise ValueError(f"split queue size {num} is not a power of two <= 32768")
-        super().__init__(index, name, num, callback, notify, stats)
-        ram = dma.ram
-        self.dma = dma
+        ram = self.dma.ram
+        self.num = num
         self.desc_addr, self.avail_addr, self.used_addr = desc_addr, avail_addr, used_addr
         self.desc_mv = ram.view(desc_addr, R.desc_table_size(num))
         self.desc_q = self.desc_mv.cast("Q")
@@ -73,18 +80,29 @@ class SplitVirtqueue(Virtqueue):
         self.mask = num - 1
         self.used_event_at = R.avail_h_used_event(num)
         self.avail_event_at = R.used_h_avail_event(num)
-        self.event = F.has(features, F.VIRTIO_RING_F_EVENT_IDX)
-        self.indirect = F.has(features, F.VIRTIO_RING_F_INDIRECT_DESC)
+        self._reset_state()
+
+    def reinit(self) -> None:
+        """virtqueue_reinit_split: the same ring, zeroed and back to its initial state."""
+        self.desc_mv[:] = bytes(len(self.desc_mv))
+        self.used_h[R.USED_H_FLAGS] = 0
+        self.used_h[R.USED_H_IDX] = 0
+        self.used_h[self.avail_event_at] = 0
         self._reset_state()
 
     def _reset_state(self) -> None:
         num = self.num
         self.free_head = 0
         self.desc_next = list(range(1, num + 1))     # desc_extra[i].next: the free list
+        if self.in_order:
+            # VIRTIO_F_IN_ORDER: descriptors are used in ring order, wrapping at the end.
+            self.desc_next[num - 1] = 0
         self.desc_data: list[Any] = [None] * num     # desc_state[head].data: the token
         self.desc_count = [0] * num                  # ring descriptors the chain holds
         self.desc_last = [0] * num                   # the chain's last ring descriptor
-        self._indirect_tables: list[tuple[int, memoryview] | None] = [None] * num
+        self._inflight_heads: deque[int] = deque()   # submission order (in-order batches)
+        self._batch: deque[tuple[Any, int]] = deque()
+        self.desc_in_len = [0] * num                 # writable bytes of each chain
         self.num_free = num
         self.avail_idx_shadow = 0
         self.avail_flags_shadow = 0
@@ -125,9 +143,7 @@ class SplitVirtqueue(Virtqueue):
         nxt = self.desc_next
         table = None
         if self.indirect and 1 < total <= INDIRECT_MAX and self.num_free:
-            table = self._indirect_tables[head]
-            if table is None:
-                table = self._alloc_indirect(head)
+            table = self._indirect_table(head)
         if table is not None:
             gpa, tmv = table
             if total == 3:
@@ -161,6 +177,9 @@ class SplitVirtqueue(Virtqueue):
             self.desc_last[head] = prev
             self.num_free -= total
             self.n_descs += total
+        if self.in_order:
+            self._inflight_heads.append(head)
+            self.desc_in_len[head] = sum(ln for _, ln in in_sgs)
         # Expose the chain: the descriptors are written; now the ring entry, then the index.
         self.desc_data[head] = data
         shadow = self.avail_idx_shadow
@@ -210,15 +229,6 @@ class SplitVirtqueue(Virtqueue):
         self._chain_last = prev
         return i
 
-    def _alloc_indirect(self, head: int) -> tuple[int, memoryview] | None:
-        try:
-            # cache-line aligned: a short table is one line for the device to fetch
-            table = self.dma.alloc(INDIRECT_MAX * R.DESC_SIZE, 64)
-        except OutOfGuestMemory:
-            return None
-        self._indirect_tables[head] = table
-        return table
-
     # ---- notify ----------------------------------------------------------------------------------
     def kick_prepare(self) -> bool:
         """virtqueue_kick_prepare_split."""
@@ -239,13 +249,16 @@ class SplitVirtqueue(Virtqueue):
 
     # ---- used ------------------------------------------------------------------------------------
     def more_used(self) -> bool:
-        return self.last_used_idx != self.used_h[R.USED_H_IDX]
+        return bool(self._batch) or self.last_used_idx != self.used_h[R.USED_H_IDX]
 
     def callbacks_enabled(self) -> bool:
         return not self.avail_flags_shadow & NO_INTERRUPT
 
     def get_buf(self) -> tuple[Any, int] | None:
         """virtqueue_get_buf_ctx_split."""
+        if self._batch:
+            self.n_completed += 1
+            return self._batch.popleft()
         last = self.last_used_idx
         if last == self.used_seen:
             # Re-read used->idx only when what was seen is consumed: the device rewrites that
@@ -269,6 +282,8 @@ class SplitVirtqueue(Virtqueue):
         if data is None:
             self.mark_broken(f"used id {head} is not a head")
             return None
+        if self.in_order:
+            return self._get_buf_in_order(head, ln, data, last)
         # detach_buf_split, inlined: the chain goes back on the free list whole.
         self.desc_data[head] = None
         self.desc_next[self.desc_last[head]] = self.free_head
@@ -281,11 +296,38 @@ class SplitVirtqueue(Virtqueue):
             self.avail_h[self.used_event_at] = last
         return data, ln
 
+    def _get_buf_in_order(self, head: int, ln: int, data: Any, last: int) -> tuple[Any, int]:
+        """With VIRTIO_F_IN_ORDER one used entry may stand for a batch: every buffer made
+        available before `head` is used too ("used completely": its writable length), and
+        used->idx moved by the size of the batch."""
+        heads = self._inflight_heads
+        k = 1
+        while heads and heads[0] != head:
+            early = heads.popleft()
+            self._batch.append((self.desc_data[early], self.desc_in_len[early]))
+            self._detach_buf(early)
+            k += 1
+        if heads:
+            heads.popleft()
+        self._detach_buf(head)
+        last = (last + k) & R.IDX_MASK
+        self.last_used_idx = last
+        if not self.avail_flags_shadow & NO_INTERRUPT:
+            self.avail_h[self.used_event_at] = last
+        self.n_completed += 1
+        if self._batch:
+            self._batch.append((data, ln))
+            return self._batch.popleft()
+        return data, ln
+
     def _detach_buf(self, head: int) -> None:
-        """detach_buf_split: return the chain's descriptors to the free list."""
+        """detach_buf_split: return the chain's descriptors to the free list. In order, the
+        free descriptors are always the ring-order run after the in-flight ones: no links
+        change."""
         self.desc_data[head] = None
-        self.desc_next[self.desc_last[head]] = self.free_head
-        self.free_head = head
+        if not self.in_order:
+            self.desc_next[self.desc_last[head]] = self.free_head
+            self.free_head = head
         self.num_free += self.desc_count[head]
 
     # ---- callbacks -------------------------------------------------------------------------------
@@ -317,7 +359,11 @@ class SplitVirtqueue(Virtqueue):
         """virtqueue_poll_split."""
         # The used_event / flags store above must be visible before the used idx is read.
         full_barrier()
-        return last_used_idx != self.used_h[R.USED_H_IDX]
+        return bool(self._batch) or last_used_idx != self.used_h[R.USED_H_IDX]
+
+    def notification_data(self) -> int:
+        """VIRTIO_F_NOTIFICATION_DATA for a split ring: vqn, then the next avail index."""
+        return self.index | self.avail_idx_shadow << 16
 
     def enable_cb_delayed(self) -> bool:
         """virtqueue_enable_cb_delayed_split."""
@@ -338,11 +384,17 @@ class SplitVirtqueue(Virtqueue):
     # ---- teardown --------------------------------------------------------------------------------
     def detach_unused_buf(self) -> Any:
         """virtqueue_detach_unused_buf_split."""
+        if self._batch:
+            # used by the device, never returned: after a reset it comes back as unused
+            self.n_detached += 1
+            return self._batch.popleft()[0]
         for head in range(self.num):
             data = self.desc_data[head]
             if data is None:
                 continue
             self._detach_buf(head)
+            if self.in_order and head in self._inflight_heads:
+                self._inflight_heads.remove(head)
             # "That's not really used": take the entry back off the avail ring.
             self.avail_idx_shadow = (self.avail_idx_shadow - 1) & R.IDX_MASK
             self.avail_h[R.AVAIL_H_IDX] = self.avail_idx_shadow
@@ -351,34 +403,7 @@ class SplitVirtqueue(Virtqueue):
         return None
 
     def release(self) -> None:
-        for table in self._indirect_tables:
-            if table is not None:
-                table[1].release()
-                self.dma.free(table[0])
-        self._indirect_tables = [None] * self.num
+        self._free_indirect_tables()
         for v in (self.desc_q, self.desc_i, self.desc_mv, self.avail_h, self.used_h,
                   self.used_i):
             v.release()
-
-
-def vring_create_virtqueue_split(index: int, num: int, vring_align: int, dma: DmaMemory,
-                                 features: int, notify: Callable[[Virtqueue], bool],
-                                 callback: Callable[[Virtqueue], None] | None, name: str,
-                                 stats: memoryview | None = None) -> SplitVirtqueue:
-    """vring_create_virtqueue for a split ring: one contiguous, zeroed vring (desc, avail,
-    then used at `vring_align`), as Linux allocates it."""
-    size = R.vring_size(num, vring_align)
-    gpa, _ = dma.alloc(size, max(4096, vring_align))
-    desc = gpa
-    avail = gpa + R.desc_table_size(num)
-    used = gpa + R.used_offset_in_vring(num, vring_align)
-    vq = SplitVirtqueue(index, num, dma, desc, avail, used, features, notify, callback, name,
-                        stats)
-    vq.ring_gpa = gpa
-    return vq
-
-
-def vring_del_virtqueue(vq: SplitVirtqueue) -> None:
-    """Free the ring memory of a queue created by vring_create_virtqueue_split."""
-    vq.release()
-    vq.dma.free(vq.ring_gpa)

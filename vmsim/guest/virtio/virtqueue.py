@@ -10,6 +10,7 @@ full, -EIO once the queue is broken); get_buf returns None when nothing is used.
 """
 
 import errno
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,13 +22,26 @@ EIO = -errno.EIO
 
 Sg = tuple[int, int]  # (guest-physical address, length): one scatterlist entry
 
+# Entries of one indirect table. A chain with more segments goes direct (Linux falls back
+# when kmalloc of the table fails).
+INDIRECT_MAX = 16
+# Three descriptors in one struct call (a block request: header, data, status).
+PACK_DESC3 = struct.Struct("<" + "QIHH" * 3).pack_into
+_NEXT, _WRITE = 1, 2
+# flags of a three-segment chain's descriptors, by how many of them the device reads
+FLAGS3 = ((_NEXT | _WRITE, _NEXT | _WRITE, _WRITE), (_NEXT, _NEXT | _WRITE, _WRITE),
+          (_NEXT, _NEXT, _WRITE), (_NEXT, _NEXT, 0))
+
 
 class Virtqueue:
     """struct virtqueue: one queue of a device, as its driver sees it."""
 
+    ring = "split"
+
     def __init__(self, index: int, name: str, num: int,
                  callback: Callable[["Virtqueue"], None] | None,
-                 notify: Callable[["Virtqueue"], bool], stats: memoryview | None) -> None:
+                 notify: Callable[["Virtqueue"], bool], stats: memoryview | None,
+                 dma: Any = None) -> None:
         self.index = index
         self.name = name
         self.num = num                  # queue size (vring.num)
@@ -37,9 +51,12 @@ class Virtqueue:
         self._notify = notify           # the transport's notify (vp_notify / vm_notify)
         self.broken = False
         self.broken_reason = ""
+        self.reset = False              # between disable_vq_and_reset and enable_vq_after_reset
         self.vdev: Any = None
         self.priv: Any = None           # the driver's per-queue data
         self.stats = stats
+        self.dma = dma
+        self._indirect_tables: dict[int, tuple[int, memoryview]] = {}
         # running counts, published to the stats record at batch boundaries
         self.n_added = 0
         self.n_kicks = 0
@@ -171,6 +188,31 @@ class Virtqueue:
         s[Q.INDIRECT_ADDED] = self.n_indirect
         s[Q.NUM_FREE] = self.num_free
 
+    # ---- indirect tables -------------------------------------------------------------------------
+    def _indirect_table(self, key: int) -> tuple[int, memoryview] | None:
+        """The indirect table of a head (split) or buffer ID (packed): allocated on first use
+        and kept, so adding a request allocates nothing. None when guest memory is short (the
+        chain then goes direct)."""
+        table = self._indirect_tables.get(key)
+        if table is None:
+            try:
+                # cache-line aligned: a short table is one line for the device to fetch
+                table = self.dma.alloc(INDIRECT_MAX * 16, 64)
+            except MemoryError:
+                return None
+            self._indirect_tables[key] = table
+        return table
+
+    def _free_indirect_tables(self) -> None:
+        for gpa, mv in self._indirect_tables.values():
+            mv.release()
+            self.dma.free(gpa)
+        self._indirect_tables = {}
+
+    def notification_data(self) -> int:
+        """The value of a notification with VIRTIO_F_NOTIFICATION_DATA (vqn | next << 16)."""
+        raise NotImplementedError
+
     def in_flight(self) -> int:
         return self.n_added - self.n_completed - self.n_detached
 
@@ -185,6 +227,10 @@ RING_FEATURES_SUPPORTED = frozenset({
     F.VIRTIO_RING_F_INDIRECT_DESC,
     F.VIRTIO_RING_F_EVENT_IDX,
     F.VIRTIO_F_VERSION_1,
+    F.VIRTIO_F_RING_PACKED,
+    F.VIRTIO_F_IN_ORDER,
+    F.VIRTIO_F_NOTIFICATION_DATA,
+    F.VIRTIO_F_RING_RESET,      # Linux keeps this one for PCI only; vmsim's MMIO has QueueReset
 })
 
 

@@ -23,7 +23,8 @@ def make_device(spec: dict[str, Any], mem: GuestMemory, stats: StatsRegion) -> V
             backend = FileBackend(b["path"], b.get("size"), b.get("readonly", False))
         return BlkDevice(spec["name"], mem, backend, readonly=b.get("readonly", False),
                          num_queues=spec.get("num_queues", 1), queue_size=spec["queue_size"],
-                         offer=offer, withhold=withhold, blk_size=b.get("blk_size", 512),
+                         offer=offer, withhold=withhold, packed=spec.get("ring") == "packed",
+                         blk_size=b.get("blk_size", 512),
                          serial=b.get("serial", spec["name"]), dev_stats=dev_stats,
                          queue_stats=queue_stats,
                          refuse_features_ok=faults.get("refuse_features_ok", False))

@@ -13,6 +13,8 @@ from vmsim.abi import features as F
 from vmsim.abi import status as S
 from vmsim.host.memory import GuestMemory
 from vmsim.host.virtio.errors import RingError
+from vmsim.host.virtio.queue import DeviceQueue
+from vmsim.host.virtio.queue_packed import PackedQueue
 from vmsim.host.virtio.queue_split import SplitQueue
 from vmsim.machine.eventfd import EventFd
 from vmsim.machine.stats import D, Q
@@ -52,7 +54,7 @@ class QueueState:
         self.num_max = num_max
         self.kick = EventFd()           # the ioeventfd for this queue's notify register
         self.stats = stats
-        self.ring: SplitQueue | None = None
+        self.ring: DeviceQueue | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -105,7 +107,7 @@ class VirtioDevice:
         """A driver write to config space; read-only by default."""
         self.guest_error(f"write of {len(data)} bytes to read-only config offset {offset}")
 
-    def handle_queue(self, q: QueueState, ring: SplitQueue) -> int:
+    def handle_queue(self, q: QueueState, ring: DeviceQueue) -> int:
         """Process what is available on one queue; return the number of chains handled."""
         raise NotImplementedError
 
@@ -234,20 +236,28 @@ class VirtioDevice:
     def queue_enable(self, q: QueueState) -> bool:
         """Build the device's view of a queue the driver made ready; a bad layout is a device
         error."""
+        packed = self.negotiated(F.VIRTIO_F_RING_PACKED)
+        cls = PackedQueue if packed else SplitQueue
         try:
-            q.ring = SplitQueue(self.mem, q.num, q.desc, q.driver, q.device,
-                                event_idx=self.negotiated(F.VIRTIO_RING_F_EVENT_IDX),
-                                indirect=self.negotiated(F.VIRTIO_RING_F_INDIRECT_DESC),
-                                stats=q.stats)
+            q.ring = cls(self.mem, q.num, q.desc, q.driver, q.device,
+                         event_idx=self.negotiated(F.VIRTIO_RING_F_EVENT_IDX),
+                         indirect=self.negotiated(F.VIRTIO_RING_F_INDIRECT_DESC),
+                         stats=q.stats, in_order=self.negotiated(F.VIRTIO_F_IN_ORDER))
         except RingError as e:
             self.virtio_error(f"queue {q.index}: {e}")
             return False
         q.ready = True
         if q.stats is not None:
             q.stats[Q.SIZE] = q.num
-            q.stats[Q.RING] = 0
+            q.stats[Q.RING] = int(packed)
             q.stats[Q.READY] = 1
         return True
+
+    def queue_reset(self, q: QueueState) -> None:
+        """VIRTIO_F_RING_RESET: forget the queue (its ring, its state); the driver may set it
+        up again, with other parameters, and re-enable it while the device stays live."""
+        q.reset()
+        q.num = q.num_max
 
     def queue_disable(self, q: QueueState) -> None:
         q.reset()

@@ -28,6 +28,10 @@ class Reason(Enum):
     INDIRECT_BAD_LENGTH = "an indirect table's length is 0 or not a multiple of 16"
     INDIRECT_OUT_OF_RANGE = "an indirect table lies outside guest RAM"
     QUEUE_NOT_READY = "the driver notified a queue that is not ready"
+    INVALID_BUFFER_ID = "a packed buffer id is >= the queue size"
+    BUFFER_ID_IN_FLIGHT = "a packed buffer id still in flight was made available again"
+    USED_FLAG_BY_DRIVER = "a descriptor the device has not used carries the device's used flags"
+    INDIRECT_IN_CHAIN = "an INDIRECT descriptor inside a chain of several (packed)"
     MALFORMED_REQUEST = "a request the device cannot answer (no room for its status)"
 
 

@@ -6,6 +6,7 @@ notify register is normally bound to the queues' ioeventfds, so a guest's kick r
 device without an exit, as with KVM.
 """
 
+from vmsim.abi import features as F
 from vmsim.abi import ids
 from vmsim.abi import mmio as M
 from vmsim.abi import status as S
@@ -98,7 +99,7 @@ class MmioTransport:
         if offset in (M.SHM_LEN_LOW, M.SHM_LEN_HIGH, M.SHM_BASE_LOW, M.SHM_BASE_HIGH):
             return U32          # no shared-memory regions: length and base read as ~0
         if offset == M.QUEUE_RESET:
-            return 0
+            return 0            # a queue reset completes within the write that asks for it
         dev.guest_error(f"mmio read of write-only or unknown register 0x{offset:x}")
         return 0
 
@@ -139,7 +140,14 @@ class MmioTransport:
                 dev.queue_disable(q)
         elif offset == M.QUEUE_NOTIFY:
             self.n_trapped_notifies += 1
-            self.pending_kicks.append(value & 0xFFFF)
+            qi = value & 0xFFFF
+            if dev.negotiated(F.VIRTIO_F_NOTIFICATION_DATA) and qi < len(dev.queues):
+                ring = dev.queues[qi].ring
+                if ring is not None and not ring.check_notification(value):
+                    ring.n_notify_data_errors += 1
+                    dev.guest_error(f"queue {qi}: notification data 0x{value:08x} is ahead of "
+                                    f"the ring")
+            self.pending_kicks.append(qi)
         elif offset == M.INTERRUPT_ACK:
             self.interrupt_status &= ~value
         elif offset == M.STATUS:
@@ -154,7 +162,13 @@ class MmioTransport:
         elif offset == M.SHM_SEL:
             pass
         elif offset == M.QUEUE_RESET:
-            dev.guest_error("QueueReset without VIRTIO_F_RING_RESET")
+            q = self._queue()
+            if not dev.negotiated(F.VIRTIO_F_RING_RESET):
+                dev.guest_error("QueueReset without VIRTIO_F_RING_RESET")
+            elif q is None:
+                dev.guest_error(f"QueueReset of queue {self.queue_sel}, which does not exist")
+            elif value & 1:
+                dev.queue_reset(q)
         else:
             dev.guest_error(f"mmio write to read-only or unknown register 0x{offset:x}")
 
@@ -174,7 +188,9 @@ class MmioTransport:
             dev.guest_error(f"{what} written while queue {q.index} is ready")
             return None
         st = dev.status
-        if not st & S.FEATURES_OK or st & S.DRIVER_OK:
+        # Before DRIVER_OK; or after it, for a queue reset with VIRTIO_F_RING_RESET.
+        if not st & S.FEATURES_OK or (st & S.DRIVER_OK
+                                       and not dev.negotiated(F.VIRTIO_F_RING_RESET)):
             dev.guest_error(f"{what} written in status {S.describe(st)}")
             return None
         return q

@@ -17,8 +17,8 @@ from vmsim.abi import split_ring as R
 from vmsim.host.memory import GuestMemory, GuestMemoryError
 from vmsim.host.virtio.chain import DescChain
 from vmsim.host.virtio.errors import Reason, RingError
+from vmsim.host.virtio.queue import DeviceQueue
 from vmsim.machine.barrier import full_barrier
-from vmsim.machine.stats import Q
 
 NEXT = R.VRING_DESC_F_NEXT
 WRITE = R.VRING_DESC_F_WRITE
@@ -29,12 +29,14 @@ UNPACK_DESC = R.DESC.unpack_from
 UNPACK_DESC3 = struct.Struct("<" + "QIHH" * 3).unpack_from
 
 
-class SplitQueue:
+class SplitQueue(DeviceQueue):
     """The device's view of one split ring."""
+
+    ring = "split"
 
     def __init__(self, mem: GuestMemory, num: int, desc_addr: int, avail_addr: int,
                  used_addr: int, event_idx: bool, indirect: bool,
-                 stats: memoryview | None = None) -> None:
+                 stats: memoryview | None = None, in_order: bool = False) -> None:
         if not R.is_power_of_two(num) or num > R.MAX_QUEUE_SIZE:
             raise RingError(Reason.INVALID_RING_SIZE, f"size {num}")
         for what, addr, align in (("descriptor table", desc_addr, R.DESC_ALIGN),
@@ -49,15 +51,13 @@ class SplitQueue:
             self.used_i = mem.translate(used_addr, 4 + R.USED_ELEM_SIZE * num).cast("I")
         except GuestMemoryError as e:
             raise RingError(Reason.RING_OUT_OF_RANGE, str(e)) from None
+        super().__init__(num, event_idx, indirect, in_order, stats)
         self.mem = mem
         self.ram = mem.mv
         self.mem_base = mem.base
         self.mem_size = mem.size
-        self.num = num
         self.mask = num - 1
         self.desc_addr, self.avail_addr, self.used_addr = desc_addr, avail_addr, used_addr
-        self.event_idx = event_idx
-        self.indirect = indirect
         self.used_event_at = R.avail_h_used_event(num)
         self.avail_event_at = R.used_h_avail_event(num)
         self.last_avail_idx = 0      # next avail entry the device will take
@@ -67,19 +67,8 @@ class SplitQueue:
         self.signalled_used_valid = False
         self._used_at_signal = 0
         self.used_flags = 0          # shadow of used->flags
-        self.inflight = 0
-        self.stats = stats
+        self._pending_used: list[tuple[int, int]] = []   # in-order batch: (head, written)
         self._chains = [DescChain(mem) for _ in range(num)]  # one per head: no allocation per pop
-        # running counts, published to the stats record at the end of each service pass
-        self.n_popped = 0
-        self.n_used = 0
-        self.n_notifies = 0
-        self.n_interrupts = 0
-        self.n_interrupts_suppressed = 0
-        self.n_bytes_read = 0
-        self.n_bytes_written = 0
-        self.n_wakeups = 0
-        self.n_missed = 0
         self.used_h[R.USED_H_FLAGS] = 0
         self.used_h[R.USED_H_IDX] = 0
         self.used_h[self.avail_event_at] = 0
@@ -90,11 +79,6 @@ class SplitQueue:
 
     def has_work(self) -> bool:
         return self.avail_h[R.AVAIL_H_IDX] != self.last_avail_idx
-
-    def pop(self) -> DescChain | None:
-        """The next available chain, validated, or None if the ring is empty."""
-        chains = self.pop_batch(1)
-        return chains[0] if chains else None
 
     def pop_batch(self, limit: int = 1 << 16) -> list[DescChain]:
         """Every available chain (at most `limit`), validated, in ring order.
@@ -299,8 +283,17 @@ class SplitQueue:
     # QEMU's pair: fill writes a used element, flush publishes every filled element with one
     # store of used->idx; push is both. A device that serves a batch fills each request and
     # flushes once, so the line the driver polls changes hands once per batch.
-    def fill(self, head: int, written: int) -> None:
-        """Write the used element for chain `head` (`written` bytes), not yet published."""
+    def fill(self, chain: DescChain | int, written: int) -> None:
+        """Write the used element for a chain (or its head), `written` bytes; not yet
+        published. With VIRTIO_F_IN_ORDER the element is held back so that a batch can be
+        written as one (flush writes it)."""
+        head = chain if isinstance(chain, int) else chain.head
+        if self.in_order:
+            self._pending_used.append((head, written))
+            self.inflight -= 1
+            self.n_used += 1
+            self.n_bytes_written += written
+            return
         used = self.last_used_idx
         k = 1 + 2 * (used & self.mask)
         ui = self.used_i
@@ -313,10 +306,35 @@ class SplitQueue:
 
     def flush(self) -> None:
         """Publish the filled elements: the elements are written; now the index."""
+        if self._pending_used:
+            self._write_in_order_batch()
         self.used_h[R.USED_H_IDX] = self.last_used_idx
+
+    def _write_in_order_batch(self) -> None:
+        """VIRTIO_F_IN_ORDER: one used entry for the batch, at the slot of its first buffer,
+        naming its last buffer; used->idx then moves by the size of the batch."""
+        pending = self._pending_used
+        head, written = pending[-1]
+        used = self.last_used_idx
+        k = 1 + 2 * (used & self.mask)
+        self.used_i[k] = head
+        self.used_i[k + 1] = written
+        self.last_used_idx = (used + len(pending)) & R.IDX_MASK
+        pending.clear()
+
+    def check_notification(self, data: int) -> bool:
+        """The avail index a notification carries may be behind the ring's (the driver added
+        more since), never ahead of it."""
+        nxt = data >> 16
+        return ((self.avail_h[R.AVAIL_H_IDX] - nxt) & R.IDX_MASK) <= self.num
 
     def fill_batch(self, chains: list[DescChain], written: list[int]) -> None:
         """fill() for each chain with its written length, then one flush()."""
+        if self.in_order:
+            for chain, n in zip(chains, written, strict=True):
+                self.fill(chain, n)
+            self.flush()
+            return
         used = self.last_used_idx
         mask = self.mask
         ui = self.used_i
@@ -330,11 +348,6 @@ class SplitQueue:
         self.n_used += len(chains)
         self.n_bytes_written += sum(written)
         self.used_h[R.USED_H_IDX] = used
-
-    def push(self, head: int, written: int) -> None:
-        """Return the chain `head` with `written` bytes written to its writable part."""
-        self.fill(head, written)
-        self.used_h[R.USED_H_IDX] = self.last_used_idx
 
     def need_notify(self) -> bool:
         """vhost_notify: whether the driver wants an interrupt for what was used (flushed)."""
@@ -380,20 +393,6 @@ class SplitQueue:
         return self.avail_h[R.AVAIL_H_IDX] != self.last_avail_idx
 
     # ---- state -----------------------------------------------------------------------------------
-    def publish_stats(self) -> None:
-        s = self.stats
-        if s is None:
-            return
-        s[Q.POPPED] = self.n_popped
-        s[Q.USED] = self.n_used
-        s[Q.NOTIFIES] = self.n_notifies
-        s[Q.INTERRUPTS] = self.n_interrupts
-        s[Q.INTERRUPTS_SUPPRESSED] = self.n_interrupts_suppressed
-        s[Q.BYTES_READ] = self.n_bytes_read
-        s[Q.BYTES_WRITTEN] = self.n_bytes_written
-        s[Q.WAKEUPS] = self.n_wakeups
-        s[Q.MISSED] = self.n_missed
-
     def release(self) -> None:
         for v in (self.avail_h, self.used_h, self.used_i):
             v.release()

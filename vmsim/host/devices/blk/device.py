@@ -9,11 +9,13 @@ from vmsim.host.devices.blk.metrics import BlkMetrics
 from vmsim.host.devices.blk.request import BlkRequestHandler
 from vmsim.host.memory import GuestMemory
 from vmsim.host.virtio.device import QueueState, VirtioDevice
-from vmsim.host.virtio.queue_split import SplitQueue
+from vmsim.host.virtio.queue import DeviceQueue
 
-# Ring and transport features vmsim's device side implements.
+# Ring and transport features offered by default (VIRTIO_F_RING_PACKED comes with
+# `ring: packed`; IN_ORDER and NOTIFICATION_DATA are implemented and offered on request, as
+# QEMU offers them only when asked).
 RING_FEATURES = (F.bit(F.VIRTIO_F_VERSION_1) | F.bit(F.VIRTIO_RING_F_INDIRECT_DESC)
-                 | F.bit(F.VIRTIO_RING_F_EVENT_IDX))
+                 | F.bit(F.VIRTIO_RING_F_EVENT_IDX) | F.bit(F.VIRTIO_F_RING_RESET))
 
 
 class BlkDevice(VirtioDevice):
@@ -22,6 +24,7 @@ class BlkDevice(VirtioDevice):
 
     def __init__(self, name: str, mem: GuestMemory, backend: BlkBackend, *, readonly: bool,
                  num_queues: int, queue_size: int, offer: int, withhold: int,
+                 packed: bool = False,
                  blk_size: int, serial: str, dev_stats: memoryview | None,
                  queue_stats: list[memoryview | None], refuse_features_ok: bool = False) -> None:
         features = RING_FEATURES | F.bit(B.VIRTIO_BLK_F_SEG_MAX) | F.bit(B.VIRTIO_BLK_F_BLK_SIZE) \
@@ -30,6 +33,8 @@ class BlkDevice(VirtioDevice):
             features |= F.bit(B.VIRTIO_BLK_F_RO)
         if num_queues > 1:
             features |= F.bit(B.VIRTIO_BLK_F_MQ)
+        if packed:
+            features |= F.bit(F.VIRTIO_F_RING_PACKED)
         features = (features | offer) & ~withhold
         super().__init__(name, mem, num_queues, queue_size, features, dev_stats, queue_stats,
                          refuse_features_ok)
@@ -55,7 +60,7 @@ class BlkDevice(VirtioDevice):
     def on_driver_ok(self) -> None:
         self.handler.flush_ok = self.negotiated(B.VIRTIO_BLK_F_FLUSH)
 
-    def handle_queue(self, q: QueueState, ring: SplitQueue) -> int:
+    def handle_queue(self, q: QueueState, ring: DeviceQueue) -> int:
         """Serve every available request on the queue (one service pass)."""
         execute = self.handler.execute
         n = 0

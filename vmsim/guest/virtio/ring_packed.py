@@ -1,0 +1,370 @@
+"""The packed virtqueue, driver side (drivers/virtio/virtio_ring.c, the *_packed functions).
+
+It reads line by line against ring_split.py: the same methods, the same names. Shared fields
+go through memoryview casts of guest RAM, each one native load or store (DESIGN.md):
+
+    ring_mv   the descriptor ring's bytes: addr, len and id of a descriptor are written with
+              struct.pack_into before its flags make it visible
+    ring_h    'H' view of the ring: desc i's id is [8i+6], its flags [8i+7] (the word the
+              device polls: written last, alone)
+    ring_i    'I' view of the ring: desc i's len is [4i+2]
+    drv_ev    'H' view of the driver event suppression area: [0] off_wrap, [1] flags
+    dev_ev    'I' view of the device event suppression area: off_wrap | flags << 16, read as
+              one 32-bit snapshot (Linux reads it as a u32 too)
+
+Buffer IDs come from a free list independent of ring slots (Linux's desc_extra / free_head);
+the ring is used strictly in order; a chain's head flags are written after the rest of it.
+With VIRTIO_F_IN_ORDER the device may mark a batch used with one descriptor (the ID of the
+batch's last buffer): the driver keeps its buffers in submission order to resolve it.
+"""
+
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from vmsim.abi import features as F
+from vmsim.abi import packed_ring as P
+from vmsim.guest.memory import DmaMemory
+from vmsim.guest.virtio.virtqueue import (
+    EIO,
+    ENOSPC,
+    FLAGS3,
+    INDIRECT_MAX,
+    PACK_DESC3,
+    Sg,
+    Virtqueue,
+)
+from vmsim.machine.barrier import full_barrier
+
+NEXT = P.VRING_DESC_F_NEXT
+WRITE = P.VRING_DESC_F_WRITE
+INDIRECT = P.VRING_DESC_F_INDIRECT
+F_AVAIL = P.F_AVAIL
+F_USED = P.F_USED
+FLIP = F_AVAIL | F_USED
+WRAP_SHIFT = P.VRING_PACKED_EVENT_F_WRAP_CTR
+WRAP_BIT = 1 << WRAP_SHIFT
+ENABLE = P.VRING_PACKED_EVENT_FLAG_ENABLE
+DISABLE = P.VRING_PACKED_EVENT_FLAG_DISABLE
+DESC_EVENT = P.VRING_PACKED_EVENT_FLAG_DESC
+PACK_DESC = P.DESC.pack_into
+PACK_HEAD = struct.Struct("<QIH").pack_into    # addr, len, id: the head's flags come last
+
+
+class PackedVirtqueue(Virtqueue):
+    """struct vring_virtqueue with packed.* state."""
+
+    ring = "packed"
+
+    def __init__(self, index: int, num: int, dma: DmaMemory, desc_addr: int,
+                 driver_addr: int, device_addr: int, features: int,
+                 notify: Callable[[Virtqueue], bool],
+                 callback: Callable[[Virtqueue], None] | None, name: str,
+                 stats: memoryview | None = None) -> None:
+        super().__init__(index, name, num, callback, notify, stats, dma)
+        self.event = F.has(features, F.VIRTIO_RING_F_EVENT_IDX)
+        self.indirect = F.has(features, F.VIRTIO_RING_F_INDIRECT_DESC)
+        self.in_order = F.has(features, F.VIRTIO_F_IN_ORDER)
+        self.attach(num, desc_addr, driver_addr, device_addr)
+
+    def attach(self, num: int, desc_addr: int, driver_addr: int, device_addr: int) -> None:
+        """Use the ring at these addresses (a new queue, or one resized after a reset)."""
+        if not 0 < num <= P.MAX_QUEUE_SIZE:
+            raise ValueError(f"packed queue size {num} is not within 1..32768")
+        ram = self.dma.ram
+        self.num = num
+        # Named as the transports program them: desc, driver area, device area.
+        self.desc_addr, self.avail_addr, self.used_addr = desc_addr, driver_addr, device_addr
+        self.ring_mv = ram.view(desc_addr, P.ring_size(num))
+        self.ring_h = self.ring_mv.cast("H")
+        self.ring_i = ram.view(desc_addr, P.ring_size(num)).cast("I")
+        self.drv_ev = ram.view(driver_addr, P.EVENT_SIZE).cast("H")
+        self.dev_ev = ram.view(device_addr, P.EVENT_SIZE).cast("I")
+        self._reset_state()
+
+    def reinit(self) -> None:
+        """virtqueue_reinit_packed: the same ring, zeroed and back to its initial state."""
+        self.dev_ev[0] = 0
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        num = self.num
+        self.next_avail_idx = 0
+        self.avail_wrap_counter = 1
+        self.avail_used_flags = F_AVAIL           # AVAIL = wrap counter 1, USED = its inverse
+        self.last_used_idx = 0 | 1 << WRAP_SHIFT  # position | used wrap counter << 15
+        self.free_head = 0
+        self.id_next = list(range(1, num + 1))    # desc_extra[id].next: the free ID list
+        self.desc_data: list[Any] = [None] * num  # desc_state[id].data
+        self.desc_num = [0] * num                 # ring descriptors buffer id holds
+        self.desc_in_len = [0] * num              # its writable bytes (for in-order batches)
+        self._inflight_ids: deque[int] = deque()  # submission order (in-order batches)
+        self._batch: deque[tuple[Any, int]] = deque()
+        self.num_free = num
+        self.num_added = 0
+        self.event_triggered = False
+        self.event_flags_shadow = ENABLE
+        self.ring_mv[:] = bytes(len(self.ring_mv))  # "The descriptor ring is zero-initialized."
+        self.drv_ev[0] = 0
+        self.drv_ev[1] = ENABLE
+        if self.callback is None:
+            # "No callback? Tell other side not to bother us."
+            self.event_flags_shadow = DISABLE
+            self.drv_ev[1] = DISABLE
+
+    # ---- add -------------------------------------------------------------------------------------
+    def add_sgs(self, out_sgs: Sequence[Sg], in_sgs: Sequence[Sg], data: Any) -> int:
+        """virtqueue_add_packed."""
+        if data is None:
+            raise ValueError("the data token must not be None")
+        if self.broken:
+            return EIO
+        n_out = len(out_sgs)
+        total = n_out + len(in_sgs)
+        if total == 0:
+            raise ValueError("a buffer needs at least one segment")
+        if self.num_free < 1:
+            return ENOSPC
+        bid = self.free_head
+        head = self.next_avail_idx
+        flags = self.avail_used_flags
+        mv = self.ring_mv
+        table = None
+        if self.indirect and 1 < total <= INDIRECT_MAX:
+            table = self._indirect_table(bid)
+        if table is not None:
+            # virtqueue_add_indirect_packed: entries carry only WRITE; the ring descriptor
+            # names the table.
+            gpa, tmv = table
+            if total == 3:
+                (a0, l0), (a1, l1), (a2, l2) = (*out_sgs, *in_sgs)
+                f0, f1, f2 = FLAGS3[n_out]
+                # (addr, len, id, flags) each: the id is unused in a table
+                PACK_DESC3(tmv, 0, a0, l0, 0, f0 & WRITE, a1, l1, 0, f1 & WRITE,
+                           a2, l2, 0, f2 & WRITE)
+            else:
+                j = 0
+                for addr, ln in out_sgs:
+                    PACK_DESC(tmv, 16 * j, addr, ln, 0, 0)
+                    j += 1
+                for addr, ln in in_sgs:
+                    PACK_DESC(tmv, 16 * j, addr, ln, 0, WRITE)
+                    j += 1
+            PACK_HEAD(mv, 16 * head, gpa, total * P.DESC_SIZE, bid)
+            head_flags = flags | INDIRECT
+            used = 1
+            i = head + 1
+            if i >= self.num:
+                i = 0
+                flags ^= FLIP
+            self.n_indirect += 1
+            self.n_descs += total + 1
+        else:
+            if self.num_free < total:
+                return ENOSPC
+            num = self.num
+            i = head
+            head_flags = 0
+            for c, (addr, ln) in enumerate((*out_sgs, *in_sgs)):
+                f = flags | (NEXT if c < total - 1 else 0) | (WRITE if c >= n_out else 0)
+                if i == head:
+                    head_flags = f
+                    PACK_HEAD(mv, 16 * i, addr, ln, bid)
+                else:
+                    PACK_DESC(mv, 16 * i, addr, ln, bid, f)
+                i += 1
+                if i >= num:
+                    i = 0
+                    flags ^= FLIP
+            used = total
+            self.n_descs += total
+        self.num_free -= used
+        if i <= head:
+            self.avail_wrap_counter ^= 1
+        self.next_avail_idx = i
+        self.avail_used_flags = flags
+        self.free_head = self.id_next[bid]
+        self.desc_data[bid] = data
+        self.desc_num[bid] = used
+        if self.in_order:
+            self.desc_in_len[bid] = sum(ln for _, ln in in_sgs)
+            self._inflight_ids.append(bid)
+        # The rest of the chain is written; now the head's flags expose it.
+        self.ring_h[8 * head + 7] = head_flags
+        self.num_added += used
+        self.n_added += 1
+        if self.num_added >= 0xFFFF:
+            self.kick()
+        return 0
+
+    # ---- notify ----------------------------------------------------------------------------------
+    def kick_prepare(self) -> bool:
+        """virtqueue_kick_prepare_packed."""
+        # Expose the new flags before reading the device's event suppression.
+        full_barrier()
+        new = self.next_avail_idx
+        old = (new - self.num_added) & 0xFFFF
+        self.num_added = 0
+        snap = self.dev_ev[0]
+        flags = snap >> 16 & 0x3
+        if flags != DESC_EVENT:
+            needs = flags != DISABLE
+        else:
+            # vring_need_event with the event offset moved back a lap when its wrap counter
+            # is not the driver's
+            off_wrap = snap & 0xFFFF
+            event = P.event_idx(off_wrap, self.avail_wrap_counter, self.num)
+            needs = ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        if needs:
+            self.n_kicks += 1
+        else:
+            self.n_kicks_suppressed += 1
+        return needs
+
+    def notification_data(self) -> int:
+        """VIRTIO_F_NOTIFICATION_DATA: vqn, then next_off (15 bits) and next_wrap."""
+        return self.index | (self.next_avail_idx | self.avail_wrap_counter << WRAP_SHIFT) << 16
+
+    # ---- used ------------------------------------------------------------------------------------
+    def _is_used(self, pos: int, wrap: int) -> bool:
+        """is_used_desc_packed."""
+        flags = self.ring_h[8 * pos + 7]
+        return bool(flags & F_AVAIL) == bool(flags & F_USED) == bool(wrap)
+
+    def more_used(self) -> bool:
+        lui = self.last_used_idx
+        return bool(self._batch) or self._is_used(lui & ~WRAP_BIT, lui >> WRAP_SHIFT)
+
+    def callbacks_enabled(self) -> bool:
+        return self.event_flags_shadow != DISABLE
+
+    def get_buf(self) -> tuple[Any, int] | None:
+        """virtqueue_get_buf_ctx_packed."""
+        if self._batch:
+            self.n_completed += 1
+            return self._batch.popleft()
+        if self.broken:
+            return None
+        lui = self.last_used_idx
+        pos = lui & ~WRAP_BIT
+        wrap = lui >> WRAP_SHIFT
+        flags = self.ring_h[8 * pos + 7]
+        if not (bool(flags & F_AVAIL) == bool(flags & F_USED) == bool(wrap)):
+            return None
+        # The flags were read first: the id and len they publish are valid now (TSO).
+        bid = self.ring_h[8 * pos + 6]
+        ln = self.ring_i[4 * pos + 2]
+        if bid >= self.num:
+            self.mark_broken(f"id {bid} out of range")
+            return None
+        if self.desc_data[bid] is None:
+            self.mark_broken(f"id {bid} is not a head")
+            return None
+        skip = 0
+        if self.in_order:
+            # The device may have marked a whole batch used with its last buffer's id.
+            ids = self._inflight_ids
+            while ids and ids[0] != bid:
+                early = ids.popleft()
+                skip += self.desc_num[early]
+                self._batch.append((self.desc_data[early], self.desc_in_len[early]))
+                self._detach_buf(early)
+            if ids:
+                ids.popleft()
+        data = self.desc_data[bid]
+        skip += self.desc_num[bid]
+        self._detach_buf(bid)
+        pos += skip
+        if pos >= self.num:
+            pos -= self.num
+            wrap ^= 1
+        self.last_used_idx = pos | wrap << WRAP_SHIFT
+        if self.event_flags_shadow == DESC_EVENT:
+            self.drv_ev[0] = self.last_used_idx
+        self.n_completed += 1
+        if self._batch:
+            self._batch.append((data, ln))
+            return self._batch.popleft()
+        return data, ln
+
+    def _detach_buf(self, bid: int) -> None:
+        """detach_buf_packed: the ID back on the free list, its ring slots free again."""
+        self.desc_data[bid] = None
+        self.id_next[bid] = self.free_head
+        self.free_head = bid
+        self.num_free += self.desc_num[bid]
+
+    # ---- callbacks -------------------------------------------------------------------------------
+    def disable_cb(self) -> None:
+        """virtqueue_disable_cb_packed."""
+        if self.event_flags_shadow != DISABLE:
+            self.event_flags_shadow = DISABLE
+            if self.event_triggered:
+                return
+            self.drv_ev[1] = DISABLE
+
+    def enable_cb_prepare(self) -> int:
+        """virtqueue_enable_cb_prepare_packed."""
+        self.event_triggered = False
+        if self.event:
+            # The offset and wrap counter first, then the flags.
+            self.drv_ev[0] = self.last_used_idx
+        if self.event_flags_shadow == DISABLE:
+            self.event_flags_shadow = DESC_EVENT if self.event else ENABLE
+            self.drv_ev[1] = self.event_flags_shadow
+        return self.last_used_idx
+
+    def poll(self, last_used_idx: int) -> bool:
+        """virtqueue_poll_packed."""
+        full_barrier()
+        if self._batch:
+            return True
+        return self._is_used(last_used_idx & ~WRAP_BIT, last_used_idx >> WRAP_SHIFT)
+
+    def enable_cb_delayed(self) -> bool:
+        """virtqueue_enable_cb_delayed_packed."""
+        self.event_triggered = False
+        if self.event:
+            bufs = (self.num - self.num_free) * 3 // 4
+            lui = self.last_used_idx
+            wrap = lui >> WRAP_SHIFT
+            used_idx = (lui & ~WRAP_BIT) + bufs
+            if used_idx >= self.num:
+                used_idx -= self.num
+                wrap ^= 1
+            self.drv_ev[0] = used_idx | wrap << WRAP_SHIFT
+        if self.event_flags_shadow == DISABLE:
+            self.event_flags_shadow = DESC_EVENT if self.event else ENABLE
+            self.drv_ev[1] = self.event_flags_shadow
+        # The event suppression update must be visible before the re-check.
+        full_barrier()
+        lui = self.last_used_idx
+        return not (self._batch or self._is_used(lui & ~WRAP_BIT, lui >> WRAP_SHIFT))
+
+    def _event_triggered(self) -> None:
+        if self.event:
+            self.event_triggered = True
+
+    # ---- teardown --------------------------------------------------------------------------------
+    def detach_unused_buf(self) -> Any:
+        """virtqueue_detach_unused_buf_packed."""
+        if self._batch:
+            # used by the device, never returned: after a reset it comes back as unused
+            self.n_detached += 1
+            return self._batch.popleft()[0]
+        for bid in range(self.num):
+            data = self.desc_data[bid]
+            if data is None:
+                continue
+            self._detach_buf(bid)
+            self.n_detached += 1
+            if bid in self._inflight_ids:
+                self._inflight_ids.remove(bid)
+            return data
+        return None
+
+    def release(self) -> None:
+        self._free_indirect_tables()
+        for v in (self.ring_h, self.ring_i, self.ring_mv, self.drv_ev, self.dev_ev):
+            v.release()

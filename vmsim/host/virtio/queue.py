@@ -1,0 +1,100 @@
+"""The device side of a virtqueue: one interface, two ring formats side by side
+(queue_split.py and queue_packed.py, with matching method names, as QEMU's *_split / *_packed
+and Linux's vringh pair them).
+
+    pop / pop_batch       take available chains, validated (RingError on a bad one)
+    fill / flush / push   write used elements; publish them; both
+    fill_batch            fill a batch and flush once
+    need_notify           whether the driver wants an interrupt for what was used
+    enable_notify         ask for kicks again; True if buffers slipped in meanwhile
+    disable_notify        the device is polling: no kicks needed
+    has_work              something is available
+    check_notification    a kick's VIRTIO_F_NOTIFICATION_DATA against the ring
+"""
+
+from vmsim.host.virtio.chain import DescChain
+from vmsim.machine.stats import Q
+
+
+class DeviceQueue:
+    """State and counters every ring format shares."""
+
+    ring = ""            # "split" or "packed"
+
+    def __init__(self, num: int, event_idx: bool, indirect: bool, in_order: bool,
+                 stats: memoryview | None) -> None:
+        self.num = num
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.in_order = in_order
+        self.stats = stats
+        self.inflight = 0
+        # running counts, published to the stats record by the host's loop
+        self.n_popped = 0
+        self.n_used = 0
+        self.n_notifies = 0
+        self.n_interrupts = 0
+        self.n_interrupts_suppressed = 0
+        self.n_bytes_read = 0
+        self.n_bytes_written = 0
+        self.n_wakeups = 0
+        self.n_missed = 0
+        self.n_notify_data_errors = 0
+
+    # ---- the interface ---------------------------------------------------------------------------
+    def pop_batch(self, limit: int = 1 << 16) -> list[DescChain]:
+        raise NotImplementedError
+
+    def pop(self) -> DescChain | None:
+        """The next available chain, validated, or None if the ring is empty."""
+        chains = self.pop_batch(1)
+        return chains[0] if chains else None
+
+    def fill(self, chain: DescChain | int, written: int) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def push(self, chain: DescChain | int, written: int) -> None:
+        """Return a chain with `written` bytes written to its writable part."""
+        self.fill(chain, written)
+        self.flush()
+
+    def fill_batch(self, chains: list[DescChain], written: list[int]) -> None:
+        raise NotImplementedError
+
+    def need_notify(self) -> bool:
+        raise NotImplementedError
+
+    def enable_notify(self) -> bool:
+        raise NotImplementedError
+
+    def disable_notify(self) -> None:
+        raise NotImplementedError
+
+    def has_work(self) -> bool:
+        raise NotImplementedError
+
+    def check_notification(self, data: int) -> bool:
+        """Whether the position a notification carries (NOTIFICATION_DATA) is consistent with
+        the ring: the driver may have made more available since, never less."""
+        raise NotImplementedError
+
+    # ---- state -----------------------------------------------------------------------------------
+    def publish_stats(self) -> None:
+        s = self.stats
+        if s is None:
+            return
+        s[Q.POPPED] = self.n_popped
+        s[Q.USED] = self.n_used
+        s[Q.NOTIFIES] = self.n_notifies
+        s[Q.INTERRUPTS] = self.n_interrupts
+        s[Q.INTERRUPTS_SUPPRESSED] = self.n_interrupts_suppressed
+        s[Q.BYTES_READ] = self.n_bytes_read
+        s[Q.BYTES_WRITTEN] = self.n_bytes_written
+        s[Q.WAKEUPS] = self.n_wakeups
+        s[Q.MISSED] = self.n_missed
+
+    def release(self) -> None:
+        pass

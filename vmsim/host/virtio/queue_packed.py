@@ -1,0 +1,347 @@
+"""The packed virtqueue, device side (QEMU's virtqueue_packed_pop / _fill / _flush, vhost's
+packed helpers), beside queue_split.py with the same method names.
+
+The device polls one location: the descriptor at its next position. It is available when its
+AVAIL bit equals the device's avail wrap counter and its USED bit does not. Its chain follows in
+ring order (NEXT), wrapping at the end; the buffer ID is in the chain's last descriptor. A used
+buffer is written back as one descriptor at the device's used position (id and len, then the
+flags with AVAIL = USED = the used wrap counter, written last with one 16-bit store), and the
+used position skips the chain's descriptors.
+
+Views of guest RAM (each shared word one native load or store, DESIGN.md):
+
+    ring_h    'H' view of the ring: desc i's id [8i+6], flags [8i+7]
+    ring_i    'I' view: desc i's len [4i+2]
+    drv_ev    'I' view of the driver event suppression area, read as one snapshot
+    dev_ev    'H' view of the device event suppression area: [0] off_wrap, [1] flags
+
+Everything the driver wrote is untrusted: a bad descriptor raises RingError with a reason.
+"""
+
+import struct
+
+from vmsim.abi import packed_ring as P
+from vmsim.host.memory import GuestMemory, GuestMemoryError
+from vmsim.host.virtio.chain import DescChain
+from vmsim.host.virtio.errors import Reason, RingError
+from vmsim.host.virtio.queue import DeviceQueue
+from vmsim.machine.barrier import full_barrier
+
+NEXT = P.VRING_DESC_F_NEXT
+WRITE = P.VRING_DESC_F_WRITE
+INDIRECT = P.VRING_DESC_F_INDIRECT
+F_AVAIL = P.F_AVAIL
+F_USED = P.F_USED
+WRAP_SHIFT = P.VRING_PACKED_EVENT_F_WRAP_CTR
+ENABLE = P.VRING_PACKED_EVENT_FLAG_ENABLE
+DISABLE = P.VRING_PACKED_EVENT_FLAG_DISABLE
+DESC_EVENT = P.VRING_PACKED_EVENT_FLAG_DESC
+MAX_CHAIN_BYTES = 1 << 32
+UNPACK_DESC = P.DESC.unpack_from
+PACK_USED = struct.Struct("<IH").pack_into      # len, id (then the flags, alone)
+
+
+class PackedQueue(DeviceQueue):
+    """The device's view of one packed ring."""
+
+    ring = "packed"
+
+    def __init__(self, mem: GuestMemory, num: int, desc_addr: int, driver_addr: int,
+                 device_addr: int, event_idx: bool, indirect: bool,
+                 stats: memoryview | None = None, in_order: bool = False) -> None:
+        if not 0 < num <= P.MAX_QUEUE_SIZE:
+            raise RingError(Reason.INVALID_RING_SIZE, f"size {num}")
+        for what, addr, align in (("descriptor ring", desc_addr, P.DESC_ALIGN),
+                                  ("driver event area", driver_addr, P.EVENT_ALIGN),
+                                  ("device event area", device_addr, P.EVENT_ALIGN)):
+            if addr % align:
+                raise RingError(Reason.MISALIGNED_RING, f"{what} at 0x{addr:x}, align {align}")
+        try:
+            self.desc_off = mem.offset_of(desc_addr, P.ring_size(num))
+            ring = mem.translate(desc_addr, P.ring_size(num))
+            self.drv_ev = mem.translate(driver_addr, P.EVENT_SIZE).cast("I")
+            self.dev_ev = mem.translate(device_addr, P.EVENT_SIZE).cast("H")
+        except GuestMemoryError as e:
+            raise RingError(Reason.RING_OUT_OF_RANGE, str(e)) from None
+        super().__init__(num, event_idx, indirect, in_order, stats)
+        self.mem = mem
+        self.ram = mem.mv
+        self.mem_base = mem.base
+        self.mem_size = mem.size
+        self.ring_mv = ring
+        self.ring_h = ring.cast("H")
+        self.ring_i = mem.translate(desc_addr, P.ring_size(num)).cast("I")
+        self.desc_addr, self.avail_addr, self.used_addr = desc_addr, driver_addr, device_addr
+        self.last_avail_idx = 0          # next position the device reads
+        self.avail_wrap_counter = 1
+        self.used_idx = 0                # next position the device writes a used descriptor
+        self.used_wrap_counter = 1
+        self.signalled_used = 0
+        self.signalled_used_valid = False
+        self.notify_flags = ENABLE       # shadow of the device event flags
+        self.in_flight_ids = bytearray(num)   # 1 while a buffer id is with the device
+        self._chains = [DescChain(mem) for _ in range(num)]  # by buffer id
+        self._pending_used: list[tuple[int, int, int]] = []  # in-order batch: (id, len, ndescs)
+        self.dev_ev[P.EVENT_H_OFF_WRAP] = 0
+        self.dev_ev[P.EVENT_H_FLAGS] = ENABLE
+
+    # ---- avail side ------------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        flags = self.ring_h[8 * self.last_avail_idx + 7]
+        w = self.avail_wrap_counter
+        return bool(flags & F_AVAIL) == bool(w) and bool(flags & F_USED) != bool(w)
+
+    def avail_position(self) -> int:
+        """The next position and wrap counter, as off_wrap."""
+        return self.last_avail_idx | self.avail_wrap_counter << WRAP_SHIFT
+
+    def pop_batch(self, limit: int = 1 << 16) -> list[DescChain]:
+        """Every available chain (at most `limit`), validated, in ring order."""
+        out: list[DescChain] = []
+        ring_h = self.ring_h
+        num = self.num
+        rbytes = 0
+        try:
+            while len(out) < limit:
+                pos = self.last_avail_idx
+                w = self.avail_wrap_counter
+                flags = ring_h[8 * pos + 7]
+                a = bool(flags & F_AVAIL)
+                u = bool(flags & F_USED)
+                if a != bool(w) or u == bool(w):
+                    if a == u == bool(w):
+                        # Looks used in the device's current lap at a position the device
+                        # has not used yet: only the driver can have written that.
+                        raise RingError(Reason.USED_FLAG_BY_DRIVER,
+                                        f"descriptor {pos} flags 0x{flags:04x}")
+                    break
+                if self.inflight >= num:
+                    raise RingError(Reason.TOO_MANY_IN_FLIGHT,
+                                    f"{self.inflight} buffers not yet used")
+                # The flags were read first: the rest of the chain is valid now (TSO).
+                chain, ndescs = self._walk(pos, w)
+                npos = pos + ndescs
+                if npos >= num:
+                    npos -= num
+                    self.avail_wrap_counter ^= 1
+                self.last_avail_idx = npos
+                self.in_flight_ids[chain.head] = 1
+                self.inflight += 1
+                rbytes += chain.rlen
+                out.append(chain)
+        finally:
+            self.n_popped += len(out)
+            self.n_bytes_read += rbytes
+        return out
+
+    def _walk(self, pos: int, wrap: int) -> tuple[DescChain, int]:
+        """Read the chain whose first descriptor is at `pos`; returns the chain (kept under
+        its buffer id) and how many ring descriptors it takes."""
+        ram = self.ram
+        base = self.mem_base
+        size = self.mem_size
+        num = self.num
+        desc_off = self.desc_off
+        r_off: list[int] = []
+        r_len: list[int] = []
+        w_off: list[int] = []
+        w_len: list[int] = []
+        rlen = wlen = 0
+        i = pos
+        n = 0
+        while True:
+            addr, ln, bid, fl = UNPACK_DESC(ram, desc_off + 16 * i)
+            n += 1
+            if n > num:
+                raise RingError(Reason.CHAIN_TOO_LONG, f"chain from position {pos}")
+            if fl & INDIRECT:
+                if not self.indirect:
+                    raise RingError(Reason.INDIRECT_NOT_NEGOTIATED, f"descriptor {i}")
+                if fl & NEXT:
+                    raise RingError(Reason.INDIRECT_WITH_NEXT, f"descriptor {i}")
+                if n > 1:
+                    raise RingError(Reason.INDIRECT_IN_CHAIN, f"descriptor {i}")
+                rlen, wlen = self._indirect(addr, ln, i, r_off, r_len, w_off, w_len)
+                break
+            off = addr - base
+            if off < 0 or not 0 < ln <= size - off:
+                if ln == 0:
+                    raise RingError(Reason.ZERO_LENGTH, f"descriptor {i}")
+                raise RingError(Reason.ADDRESS_OUT_OF_RANGE,
+                                f"descriptor {i}: 0x{addr:x}+0x{ln:x} is outside guest RAM")
+            if fl & WRITE:
+                w_off.append(off)
+                w_len.append(ln)
+                wlen += ln
+            else:
+                if wlen:
+                    raise RingError(Reason.READABLE_AFTER_WRITABLE, f"descriptor {i}")
+                r_off.append(off)
+                r_len.append(ln)
+                rlen += ln
+            if not fl & NEXT:
+                break
+            i += 1
+            if i >= num:
+                i = 0
+        # "Buffer ID is included in the last descriptor in the list."
+        if bid >= num:
+            raise RingError(Reason.INVALID_BUFFER_ID, f"buffer id {bid} >= queue size {num}")
+        if self.in_flight_ids[bid]:
+            raise RingError(Reason.BUFFER_ID_IN_FLIGHT, f"buffer id {bid}")
+        if rlen + wlen > MAX_CHAIN_BYTES:
+            raise RingError(Reason.CHAIN_TOO_BIG, f"{rlen + wlen} bytes at position {pos}")
+        chain = self._chains[bid]
+        chain.head = bid
+        chain.r_off, chain.r_len, chain.w_off, chain.w_len = r_off, r_len, w_off, w_len
+        chain.rlen = rlen
+        chain.wlen = wlen
+        chain.ndescs = n
+        return chain, n
+
+    def _indirect(self, addr: int, ln: int, i: int, r_off: list[int], r_len: list[int],
+                  w_off: list[int], w_len: list[int]) -> tuple[int, int]:
+        """Read an indirect table: its entries in order (only WRITE is meaningful in them)."""
+        if ln == 0 or ln % P.DESC_SIZE:
+            raise RingError(Reason.INDIRECT_BAD_LENGTH, f"length {ln} at descriptor {i}")
+        if ln // P.DESC_SIZE > self.num:
+            raise RingError(Reason.CHAIN_TOO_LONG, f"indirect table of {ln // P.DESC_SIZE}")
+        base = self.mem_base
+        size = self.mem_size
+        toff = addr - base
+        if toff < 0 or toff + ln > size:
+            raise RingError(Reason.INDIRECT_OUT_OF_RANGE,
+                            f"table 0x{addr:x}+0x{ln:x} is outside guest RAM")
+        ram = self.ram
+        rlen = wlen = 0
+        for j in range(ln // P.DESC_SIZE):
+            a, n, _bid, fl = UNPACK_DESC(ram, toff + 16 * j)
+            if fl & INDIRECT:
+                raise RingError(Reason.NESTED_INDIRECT, f"entry {j} of the table at 0x{addr:x}")
+            off = a - base
+            if off < 0 or not 0 < n <= size - off:
+                if n == 0:
+                    raise RingError(Reason.ZERO_LENGTH, f"indirect entry {j}")
+                raise RingError(Reason.ADDRESS_OUT_OF_RANGE,
+                                f"indirect entry {j}: 0x{a:x}+0x{n:x} is outside guest RAM")
+            if fl & WRITE:
+                w_off.append(off)
+                w_len.append(n)
+                wlen += n
+            else:
+                if wlen:
+                    raise RingError(Reason.READABLE_AFTER_WRITABLE, f"indirect entry {j}")
+                r_off.append(off)
+                r_len.append(n)
+                rlen += n
+        return rlen, wlen
+
+    # ---- used side -------------------------------------------------------------------------------
+    def fill(self, chain: DescChain | int, written: int) -> None:
+        """Mark a buffer used (`written` bytes). With VIRTIO_F_IN_ORDER the used descriptor is
+        held back so that a batch can be written as one (flush writes it)."""
+        if isinstance(chain, int):
+            chain = self._chains[chain]
+        bid = chain.head
+        self.in_flight_ids[bid] = 0
+        self.inflight -= 1
+        self.n_used += 1
+        self.n_bytes_written += written
+        if self.in_order:
+            self._pending_used.append((bid, written, chain.ndescs))
+            return
+        self._write_used(bid, written, chain.ndescs)
+
+    def _write_used(self, bid: int, written: int, skip: int) -> None:
+        pos = self.used_idx
+        wrap = self.used_wrap_counter
+        PACK_USED(self.ring_mv, 16 * pos + 8, written, bid)
+        flags = (F_AVAIL | F_USED if wrap else 0) | (WRITE if written else 0)
+        # id and len are written; now the flags that publish them.
+        self.ring_h[8 * pos + 7] = flags
+        pos += skip
+        if pos >= self.num:
+            pos -= self.num
+            self.used_wrap_counter ^= 1
+        self.used_idx = pos
+
+    def flush(self) -> None:
+        """Publish what was filled. In order, a batch becomes one used descriptor carrying
+        the last buffer's id, and the used position skips all of the batch's descriptors."""
+        pending = self._pending_used
+        if not pending:
+            return
+        skip = sum(p[2] for p in pending)
+        bid, written, _ = pending[-1]
+        pending.clear()
+        self._write_used(bid, written, skip)
+
+    def fill_batch(self, chains: list[DescChain], written: list[int]) -> None:
+        for chain, n in zip(chains, written, strict=True):
+            self.fill(chain, n)
+        self.flush()
+
+    def need_notify(self) -> bool:
+        """virtio_packed_should_notify."""
+        # The used flags must be visible before the driver's event suppression is read.
+        full_barrier()
+        snap = self.drv_ev[0]
+        flags = snap >> 16 & 0x3
+        old = self.signalled_used
+        new = self.signalled_used = self.used_idx
+        valid = self.signalled_used_valid
+        self.signalled_used_valid = True
+        if flags == DISABLE:
+            needs = False
+        elif flags == ENABLE or not self.event_idx:
+            needs = True
+        else:
+            event = P.event_idx(snap & 0xFFFF, self.used_wrap_counter, self.num)
+            needs = not valid or ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        if needs:
+            self.n_interrupts += 1
+        else:
+            self.n_interrupts_suppressed += 1
+        return needs
+
+    # ---- notification suppression ----------------------------------------------------------------
+    def disable_notify(self) -> None:
+        """The device is polling: ask for no kicks."""
+        if self.notify_flags != DISABLE:
+            self.notify_flags = DISABLE
+            self.dev_ev[P.EVENT_H_FLAGS] = DISABLE
+
+    def enable_notify(self) -> bool:
+        """Ask for kicks again (at the next position, with EVENT_IDX); True if a buffer was
+        made available meanwhile."""
+        if self.event_idx:
+            # offset and wrap counter first, then the flags
+            self.dev_ev[P.EVENT_H_OFF_WRAP] = self.avail_position()
+            self.notify_flags = DESC_EVENT
+        else:
+            self.notify_flags = ENABLE
+        self.dev_ev[P.EVENT_H_FLAGS] = self.notify_flags
+        full_barrier()
+        return self.has_work()
+
+    def check_notification(self, data: int) -> bool:
+        """next_off / next_wrap of a notification must not be ahead of the ring: every
+        descriptor from the device's position up to it must be available (or already
+        taken)."""
+        nxt = data >> 16
+        off = nxt & 0x7FFF
+        wrap = nxt >> 15
+        pos, w = self.last_avail_idx, self.avail_wrap_counter
+        dist = (off - pos) % self.num if wrap == w else (off - pos) % self.num or self.num
+        if wrap != w and off > pos:
+            return False            # more than a lap ahead
+        if dist == 0:
+            return True
+        last = (off - 1) % self.num
+        lw = w if last >= pos else w ^ 1
+        flags = self.ring_h[8 * last + 7]
+        return bool(flags & F_AVAIL) == bool(lw) and bool(flags & F_USED) != bool(lw)
+
+    def release(self) -> None:
+        for v in (self.ring_h, self.ring_i, self.ring_mv, self.drv_ev, self.dev_ev):
+            v.release()
