@@ -72,12 +72,14 @@ def run(config: str | None, duration: float | None, json_path: str | None, quiet
               help="Length of each measured run.")
 @click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Rounds; each runs every case and its baseline, the median is reported.")
+@click.option("--matrix", is_flag=True,
+              help="Also run split and packed rings with and without in-order and event idx.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
               metavar="FILE", help="Write the results as JSON to FILE.")
-def bench(seconds: float, rounds: int, json_path: str | None) -> None:
+def bench(seconds: float, rounds: int, matrix: bool, json_path: str | None) -> None:
     """Measure vmsim against a multiprocessing.Pipe + msgpack baseline in the same run."""
     from vmsim.bench.runner import run_bench
-    sys.exit(run_bench(seconds, json_path, rounds))
+    sys.exit(run_bench(seconds, json_path, rounds, matrix))
 
 
 @main.command()

@@ -18,7 +18,8 @@ from vmsim.launcher.topology import load_topology
 
 
 def blk_topology(op: str, seconds: float, withhold: list[str] | None = None,
-                 block: int = 4096, in_flight: int = 64) -> dict[str, Any]:
+                 block: int = 4096, in_flight: int = 64, ring: str = "split",
+                 offer: list[str] | None = None) -> dict[str, Any]:
     """One VM, one RAM-disk virtio-blk device on MMIO, a blk-bench workload."""
     return {
         "name": "bench", "duration": seconds,
@@ -26,25 +27,41 @@ def blk_topology(op: str, seconds: float, withhold: list[str] | None = None,
         "vms": {"vm0": {
             "memory": "64M",
             "devices": {"vda": {"type": "blk", "backend": "memory", "size": "64M",
-                                "queue_size": 256, "poll_us": 200,
-                                "features": {"withhold": withhold or []}}},
+                                "queue_size": 256, "poll_us": 200, "ring": ring,
+                                "features": {"withhold": withhold or [],
+                                             "offer": offer or []}}},
             "workloads": {"bench": {"type": "blk-bench", "device": "vda", "op": op,
                                     "block_size": block, "in_flight": in_flight}},
         }},
     }
 
 
-# name, op, features withheld, the baseline it is compared with
+class Case:
+    def __init__(self, name: str, op: str, baseline: str, ring: str = "split",
+                 withhold: tuple[str, ...] = (), offer: tuple[str, ...] = ()) -> None:
+        self.name, self.op, self.baseline = name, op, baseline
+        self.ring, self.withhold, self.offer = ring, list(withhold), list(offer)
+
+
 CASES = [
-    ("blk-read-4k", "read", [], "pipe-read-4k"),
-    ("blk-write-4k", "write", [], "pipe-write-4k"),
-    ("blk-read-4k-no-indirect", "read", ["INDIRECT_DESC"], "pipe-read-4k"),
+    Case("blk-read-4k", "read", "pipe-read-4k"),
+    Case("blk-write-4k", "write", "pipe-write-4k"),
+    Case("blk-read-4k-no-indirect", "read", "pipe-read-4k", withhold=("INDIRECT_DESC",)),
+]
+# --matrix: both ring formats, with and without in-order and event index (4 KiB reads)
+MATRIX = [
+    Case(f"ring-{ring}{'-in-order' if io else ''}{'' if ev else '-no-event-idx'}", "read",
+         "pipe-read-4k", ring=ring, withhold=() if ev else ("EVENT_IDX",),
+         offer=("IN_ORDER",) if io else ())
+    for ring in ("split", "packed") for io in (False, True) for ev in (True, False)
 ]
 BASELINES = {"pipe-read-4k": "read", "pipe-write-4k": "write"}
 
 
-def run_vmsim_case(name: str, op: str, withhold: list[str], seconds: float) -> dict[str, Any]:
-    topo = load_topology(blk_topology(op, seconds, withhold), f"<bench {name}>")
+def run_vmsim_case(case: Case, seconds: float) -> dict[str, Any]:
+    name = case.name
+    topo = load_topology(blk_topology(case.op, seconds, case.withhold, ring=case.ring,
+                                      offer=case.offer), f"<bench {name}>")
     res = Run(topo, f"<bench {name}>", Path.cwd(), progress=False).execute()
     s = res.summary
     if res.exit_code != 0:
@@ -58,31 +75,38 @@ def run_vmsim_case(name: str, op: str, withhold: list[str], seconds: float) -> d
             "errors": w["errors"]}
 
 
-def run_bench(seconds: float, json_path: str | None, rounds: int = 1) -> int:
+def run_bench(seconds: float, json_path: str | None, rounds: int = 1,
+              matrix: bool = False) -> int:
     con = Console(stderr=True, highlight=False)
+    cases = CASES + (MATRIX if matrix else [])
     par_before = parallelism()
     con.print(f"cpu parallelism for two processes: {par_before} (2.0 = two full CPUs)")
-    rows: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in CASES}
+    rows: dict[str, list[dict[str, Any]]] = {c.name: [] for c in cases}
     for r in range(rounds):
         base: dict[str, float] = {}
         for bname, op in BASELINES.items():
             base[bname] = run_pipe_blk(op, seconds)
             con.print(f"round {r}: {bname:24s} {base[bname]:12,.0f} req/s (Pipe + msgpack)")
-        for name, op, withhold, bname in CASES:
-            x = run_vmsim_case(name, op, withhold, seconds)
+        for case in cases:
+            name, bname = case.name, case.baseline
+            x = run_vmsim_case(case, seconds)
             x["baseline"] = bname
             x["baseline_requests_per_s"] = base[bname]
             x["ratio"] = x["requests_per_s"] / base[bname]
+            x["ring"] = case.ring
+            x["features"] = {"offer": case.offer, "withhold": case.withhold}
             rows[name].append(x)
             con.print(f"round {r}: {name:24s} {x['requests_per_s']:12,.0f} req/s "
                       f"ratio {x['ratio']:.2f}  kicks/req {x['kicks_per_request']:.4f}  "
                       f"irqs/req {x['interrupts_per_request']:.4f}")
     par_after = parallelism()
     results = []
-    for name, *_ in CASES:
+    for case in cases:
+        name = case.name
         xs = sorted(rows[name], key=lambda x: x["ratio"])
         x = xs[len(xs) // 2]           # the median round by ratio
-        results.append({"name": name, "requests_per_s": round(x["requests_per_s"], 1),
+        results.append({"name": name, "ring": x["ring"], "features": x["features"],
+                        "requests_per_s": round(x["requests_per_s"], 1),
                         "baseline": x["baseline"],
                         "baseline_requests_per_s": round(x["baseline_requests_per_s"], 1),
                         "ratio": round(x["ratio"], 3),

@@ -50,6 +50,7 @@ DISABLE = P.VRING_PACKED_EVENT_FLAG_DISABLE
 DESC_EVENT = P.VRING_PACKED_EVENT_FLAG_DESC
 PACK_DESC = P.DESC.pack_into
 PACK_HEAD = struct.Struct("<QIH").pack_into    # addr, len, id: the head's flags come last
+PACK_DESC2 = struct.Struct("<QIHHQIHH").pack_into
 
 
 class PackedVirtqueue(Virtqueue):
@@ -160,6 +161,21 @@ class PackedVirtqueue(Virtqueue):
                 flags ^= FLIP
             self.n_indirect += 1
             self.n_descs += total + 1
+        elif total == 3 and head + 3 <= self.num:
+            # three descriptors in a row without a wrap: the two after the head in one call
+            if self.num_free < 3:
+                return ENOSPC
+            (a0, l0), (a1, l1), (a2, l2) = (*out_sgs, *in_sgs)
+            f0, f1, f2 = FLAGS3[n_out]
+            PACK_DESC2(mv, 16 * head + 16, a1, l1, bid, flags | f1, a2, l2, bid, flags | f2)
+            PACK_HEAD(mv, 16 * head, a0, l0, bid)
+            head_flags = flags | f0
+            i = head + 3
+            if i == self.num:
+                i = 0
+                flags ^= FLIP
+            used = 3
+            self.n_descs += 3
         else:
             if self.num_free < total:
                 return ENOSPC

@@ -38,6 +38,7 @@ DISABLE = P.VRING_PACKED_EVENT_FLAG_DISABLE
 DESC_EVENT = P.VRING_PACKED_EVENT_FLAG_DESC
 MAX_CHAIN_BYTES = 1 << 32
 UNPACK_DESC = P.DESC.unpack_from
+UNPACK_DESC3 = struct.Struct("<" + "QIHH" * 3).unpack_from
 PACK_USED = struct.Struct("<IH").pack_into      # len, id (then the flags, alone)
 
 
@@ -119,7 +120,11 @@ class PackedQueue(DeviceQueue):
                     raise RingError(Reason.TOO_MANY_IN_FLIGHT,
                                     f"{self.inflight} buffers not yet used")
                 # The flags were read first: the rest of the chain is valid now (TSO).
-                chain, ndescs = self._walk(pos, w)
+                chain = self._fast(pos)
+                if chain is None:
+                    chain, ndescs = self._walk(pos, w)
+                else:
+                    ndescs = chain.ndescs
                 npos = pos + ndescs
                 if npos >= num:
                     npos -= num
@@ -133,6 +138,53 @@ class PackedQueue(DeviceQueue):
             self.n_popped += len(out)
             self.n_bytes_read += rbytes
         return out
+
+    def _fast(self, pos: int) -> DescChain | None:
+        """The common buffer, read with few calls: a three-entry indirect table, or three
+        descriptors in a row (a block request: header, data, status). Returns the filled chain,
+        or None for anything else - every error included - which _walk then reports."""
+        ram = self.ram
+        at = self.desc_off + 16 * pos
+        a0, l0, bid, f0 = UNPACK_DESC(ram, at)
+        base = self.mem_base
+        size = self.mem_size
+        if f0 & (INDIRECT | NEXT) == INDIRECT:
+            if l0 != 48 or not self.indirect:
+                return None
+            t = a0 - base
+            if t < 0 or t > size - 48:
+                return None
+            a0, l0, _, f0, a1, l1, _, f1, a2, l2, _, f2 = UNPACK_DESC3(ram, t)
+            if (f0 | f1 | f2) & INDIRECT:
+                return None
+            ndescs = 1
+        elif f0 & (INDIRECT | NEXT) == NEXT and pos + 3 <= self.num:
+            _, _, _, _, a1, l1, _, f1, a2, l2, bid, f2 = UNPACK_DESC3(ram, at)
+            if f1 & (INDIRECT | NEXT) != NEXT or f2 & (INDIRECT | NEXT):
+                return None
+            ndescs = 3
+        else:
+            return None
+        o0 = a0 - base
+        o1 = a1 - base
+        o2 = a2 - base
+        if (o0 < 0 or o1 < 0 or o2 < 0 or not (0 < l0 <= size - o0 and 0 < l1 <= size - o1
+                                               and 0 < l2 <= size - o2)
+                or bid >= self.num or self.in_flight_ids[bid]):
+            return None
+        w = (f0 & WRITE) | (f1 & WRITE) << 1 | (f2 & WRITE) << 2
+        chain = self._chains[bid]
+        if w == 12:                # read, write, write: a block read
+            chain.r_off, chain.r_len, chain.w_off, chain.w_len = [o0], [l0], [o1, o2], [l1, l2]
+            chain.rlen, chain.wlen = l0, l1 + l2
+        elif w == 8:               # read, read, write: a block write
+            chain.r_off, chain.r_len, chain.w_off, chain.w_len = [o0, o1], [l0, l1], [o2], [l2]
+            chain.rlen, chain.wlen = l0 + l1, l2
+        else:
+            return None
+        chain.head = bid
+        chain.ndescs = ndescs
+        return chain
 
     def _walk(self, pos: int, wrap: int) -> tuple[DescChain, int]:
         """Read the chain whose first descriptor is at `pos`; returns the chain (kept under
