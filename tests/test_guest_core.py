@@ -213,8 +213,8 @@ class Machine:
         self.platform = Platform(self.host.guest_ch)
         self.irqc = IrqController()
         for t in self.transports:
-            for addr, data, efd in t.ioeventfds():
-                self.platform.bind_ioeventfd(addr, data, efd)
+            for space, addr, data, efd in t.ioeventfds():
+                self.platform.bind_ioeventfd(addr, data, efd, space)
             self.irqc.add_line(t.irq, t.irqfd)
         self.irqc.start()
         self.bus = VirtioBus()

@@ -568,8 +568,8 @@ def test_interrupt_status_and_ack(rig):
 def test_ioeventfds_are_the_queue_kicks(make):
     rig = make(num_queues=3)
     fds = rig.t.ioeventfds()
-    assert [(a, d) for a, d, _ in fds] == [(MMIO_BASE + 0x50, i) for i in range(3)]
-    for (_, _i, efd), q in zip(fds, rig.dev.queues, strict=True):
+    assert [(s, a, d) for s, a, d, _ in fds] == [("mmio", MMIO_BASE + 0x50, i) for i in range(3)]
+    for (_, _, _i, efd), q in zip(fds, rig.dev.queues, strict=True):
         assert efd is q.kick
         efd.signal()
         assert q.kick.consume() == 1

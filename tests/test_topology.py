@@ -167,7 +167,7 @@ def test_there_are_shipped_configs():
     # literals and discriminators
     ({f"{DEV}.type": "net"}, DEV, "unknown type 'net'"),
     ({f"{DEV}.type": DELETE}, DEV, "'type' key is required"),
-    ({f"{DEV}.transport": "pci"}, f"{DEV}.transport", "'mmio'"),
+    ({f"{DEV}.transport": "usb"}, f"{DEV}.transport", "'mmio', 'mmio-legacy', 'pci'"),
     ({f"{DEV}.ring": "ring-buffer"}, f"{DEV}.ring", "'split' or 'packed'"),
     ({f"{DEV}.backend": "nbd"}, f"{DEV}.backend", "'file' or 'memory'"),
     ({"vms.vm0.workloads.verify.type": "fio"}, "vms.vm0.workloads.verify", "unknown type"),

@@ -75,7 +75,7 @@ class Guest:
         for e in desc["ioeventfds"]:
             efd = EventFd(fd_of[e["fd"]])
             self.eventfds.append(efd)
-            self.platform.bind_ioeventfd(e["addr"], e["data"], efd)
+            self.platform.bind_ioeventfd(e["addr"], e["data"], efd, e.get("space", "mmio"))
         for e in desc["irqfds"]:
             efd = EventFd(fd_of[e["fd"]])
             self.eventfds.append(efd)

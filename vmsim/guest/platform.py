@@ -28,38 +28,95 @@ class TrapError(RuntimeError):
 
 
 class Platform:
-    """Trapped register access and ioeventfd routing (the guest's view of the bus)."""
+    """Trapped register access and ioeventfd routing (the guest's view of the bus): the
+    memory space (readl / writel ...), the I/O port space (inb / outl ...), and the channel
+    subsystem's instructions (css)."""
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
-        self._ioeventfds: dict[tuple[int, int], EventFd] = {}
+        # (space, address, datamatch) -> eventfd; space "mmio", "pio" or "css"
+        self._ioeventfds: dict[tuple[str, int, int], EventFd] = {}
         self.exits = 0
+        self.exits_by_kind: dict[str, int] = {}
         self.ioeventfd_writes = 0
 
-    def bind_ioeventfd(self, addr: int, datamatch: int, efd: EventFd) -> None:
-        self._ioeventfds[(addr, datamatch)] = efd
+    def bind_ioeventfd(self, addr: int, datamatch: int, efd: EventFd,
+                       space: str = "mmio") -> None:
+        self._ioeventfds[(space, addr, datamatch)] = efd
 
-    def unbind_ioeventfds(self, lo: int, hi: int) -> None:
-        for key in [k for k in self._ioeventfds if lo <= k[0] < hi]:
+    def unbind_ioeventfds(self, lo: int, hi: int, space: str = "mmio") -> None:
+        for key in [k for k in self._ioeventfds if k[0] == space and lo <= k[1] < hi]:
             del self._ioeventfds[key]
 
-    def read(self, addr: int, width: int) -> int:
+    def _trap(self, kind: str, msg: tuple) -> object:
         self.exits += 1
-        reply, _fds = self.channel.call(("r", addr, width))
+        self.exits_by_kind[kind] = self.exits_by_kind.get(kind, 0) + 1
+        reply, _fds = self.channel.call(msg)
+        return reply
+
+    def read(self, addr: int, width: int) -> int:
+        reply = self._trap("mmio_read", ("r", addr, width))
         if isinstance(reply, int):
             return reply
         raise TrapError(f"read of 0x{addr:x}: {reply}")
 
     def write(self, addr: int, width: int, value: int) -> None:
-        efd = self._ioeventfds.get((addr, value))
-        if efd is not None and width == 4:
+        efd = self._ioeventfds.get(("mmio", addr, value))
+        if efd is not None and width in (2, 4):
             self.ioeventfd_writes += 1
             efd.signal()
             return
-        self.exits += 1
-        reply, _fds = self.channel.call(("w", addr, width, value))
+        reply = self._trap("mmio_write", ("w", addr, width, value))
         if reply is not None:
             raise TrapError(f"write of 0x{addr:x}: {reply}")
+
+    def io_read(self, port: int, width: int) -> int:
+        reply = self._trap("pio_read", ("ir", port, width))
+        if isinstance(reply, int):
+            return reply
+        raise TrapError(f"in of port 0x{port:x}: {reply}")
+
+    def io_write(self, port: int, width: int, value: int) -> None:
+        efd = self._ioeventfds.get(("pio", port, value))
+        if efd is not None:
+            self.ioeventfd_writes += 1
+            efd.signal()
+            return
+        reply = self._trap("pio_write", ("iw", port, width, value))
+        if reply is not None:
+            raise TrapError(f"out to port 0x{port:x}: {reply}")
+
+    def css(self, *args: object) -> object:
+        """A channel-subsystem instruction (s390's SSCH, TSCH, ...), trapped."""
+        return self._trap(f"css_{args[0]}", ("css", *args))
+
+    def hypercall_notify(self, subchannel: int, queue: int, cookie: int = 0) -> object:
+        """s390's diagnose 0x500 virtio notify: an ioeventfd if one is bound for the
+        subchannel and queue (KVM's virtio-ccw notify ioeventfd), otherwise a trap."""
+        efd = self._ioeventfds.get(("css", subchannel, queue))
+        if efd is not None:
+            self.ioeventfd_writes += 1
+            efd.signal()
+            return cookie
+        return self.css("notify", subchannel, queue, cookie)
+
+    def inb(self, port: int) -> int:
+        return self.io_read(port, 1)
+
+    def inw(self, port: int) -> int:
+        return self.io_read(port, 2)
+
+    def inl(self, port: int) -> int:
+        return self.io_read(port, 4)
+
+    def outb(self, port: int, value: int) -> None:
+        self.io_write(port, 1, value)
+
+    def outw(self, port: int, value: int) -> None:
+        self.io_write(port, 2, value)
+
+    def outl(self, port: int, value: int) -> None:
+        self.io_write(port, 4, value)
 
     def readb(self, addr: int) -> int:
         return self.read(addr, 1)
@@ -83,10 +140,10 @@ class Platform:
 class IrqLine:
     __slots__ = ("efd", "handler", "irq", "name", "poll_hook")
 
-    def __init__(self, irq: int, efd: EventFd) -> None:
+    def __init__(self, irq: object, efd: EventFd) -> None:
         self.irq = irq
         self.efd = efd
-        self.handler: Callable[[int], bool] | None = None
+        self.handler: Callable[[object], bool] | None = None
         self.poll_hook: Callable[[], None] | None = None
         self.name = ""
 
@@ -95,7 +152,7 @@ class IrqController:
     """Interrupt lines backed by irqfds, and the thread that takes them."""
 
     def __init__(self) -> None:
-        self._lines: dict[int, IrqLine] = {}
+        self._lines: dict[object, IrqLine] = {}   # by line: an irq number, "msix:...", ...
         self._by_fd: dict[int, IrqLine] = {}
         self._ep = select.epoll()
         self._wake = EventFd()
@@ -107,13 +164,13 @@ class IrqController:
         self.safety_wakeups = 0
         self.error: BaseException | None = None
 
-    def add_line(self, irq: int, efd: EventFd) -> None:
+    def add_line(self, irq: object, efd: EventFd) -> None:
         line = IrqLine(irq, efd)
         self._lines[irq] = line
         self._by_fd[efd.fileno()] = line
         self._ep.register(efd.fileno(), select.EPOLLIN)
 
-    def request_irq(self, irq: int, handler: Callable[[int], bool], name: str,
+    def request_irq(self, irq: object, handler: Callable[[object], bool], name: str,
                     poll_hook: Callable[[], None] | None = None) -> None:
         """Install `handler(irq) -> handled` on a line (one handler per line here)."""
         line = self._lines.get(irq)
@@ -125,7 +182,7 @@ class IrqController:
         line.poll_hook = poll_hook
         line.handler = handler
 
-    def free_irq(self, irq: int) -> None:
+    def free_irq(self, irq: object) -> None:
         line = self._lines.get(irq)
         if line is not None:
             line.handler = None

@@ -1,9 +1,11 @@
 """One VM on the host: its guest memory, its devices on their transports, and the trap
 socket its guest connects to.
 
-The host is the VMM: it lays out the guest-physical address space (RAM at `ram.base`, one
-virtio-mmio window per device from MMIO_BASE, an interrupt line each) and publishes it to the
-guest at boot as a device tree would, with the ioeventfds and irqfds a KVM VMM would register.
+The host is the VMM: its board (vmsim.host.board) lays out the guest-physical address space
+and I/O ports and gives each device's transport its resources; the machine description the
+guest asks for at boot is what firmware tables would show (device-tree nodes for virtio-mmio,
+the PCI host bridge, the channel subsystem), with the ioeventfds and irqfds a KVM VMM would
+register.
 """
 
 import logging
@@ -11,20 +13,18 @@ import os
 import socket
 from typing import Any
 
-from vmsim.abi import mmio as M
+from vmsim.host.board import Board
 from vmsim.host.devices.factory import make_device
 from vmsim.host.loop import EventLoop
 from vmsim.host.memory import GuestMemory
 from vmsim.host.virtio.device import VirtioDevice
-from vmsim.host.virtio.mmio import MmioTransport
+from vmsim.host.virtio.transport import HostTransport
+from vmsim.host.virtio.transports import make_transport
 from vmsim.machine import shm
 from vmsim.machine.stats import StatsRegion
 from vmsim.machine.wire import Channel, ChannelClosed
 
 log = logging.getLogger("vmsim.host")
-
-MMIO_BASE = 0x0A00_0000     # as QEMU's arm "virt" machine places its virtio-mmio windows
-FIRST_IRQ = 32
 
 
 class HostVM:
@@ -35,15 +35,16 @@ class HostVM:
         ram = spec["ram"]
         self.mem = GuestMemory(shm.open_map(ram["name"]), ram["base"])
         self.ram_name = ram["name"]
+        self.board = Board()
         self.devices: list[VirtioDevice] = []
-        self.transports: list[MmioTransport] = []
-        self.mmio_by_base: dict[int, MmioTransport] = {}
-        for i, dspec in enumerate(spec["devices"]):
+        self.transports: list[HostTransport] = []
+        for dspec in spec["devices"]:
             dev = make_device(dspec, self.mem, stats)
-            t = MmioTransport(dev, MMIO_BASE + i * M.REGION_SIZE, FIRST_IRQ + i)
+            t = make_transport(dspec.get("transport", "mmio"), dev, self.board)
+            for region in t.regions():
+                (self.board.mmio if region.space == "mmio" else self.board.pio).add(region)
             self.devices.append(dev)
             self.transports.append(t)
-            self.mmio_by_base[t.base] = t
             loop.add_device(dev)
         self.unassigned = 0
         self.host_errors: list[str] = []
@@ -96,25 +97,37 @@ class HostVM:
             self._guest_disconnected()
 
     def handle_access(self, msg: list) -> Any:
-        """A trapped register read or write; returns the value read, None, or an error."""
-        op, addr, width = msg[0], int(msg[1]), int(msg[2])
-        base = addr & ~(M.REGION_SIZE - 1)
-        t = self.mmio_by_base.get(base)
-        if op == "r":
-            if t is None:
+        """A trapped access: ("r"/"w", addr, width[, value]) in the memory space, ("ir"/"iw",
+        port, width[, value]) in the I/O space, or a channel-subsystem instruction ("css",
+        ...). Returns the value read, None, or an error string."""
+        op = msg[0]
+        if op == "css":
+            css = self.board.css
+            if css is None:
+                self.unassigned += 1
+                return "no channel subsystem on this machine"
+            return css.trap(msg[1:])
+        addr, width = int(msg[1]), int(msg[2])
+        space = self.board.pio if op in ("ir", "iw") else self.board.mmio
+        region = space.find(addr)
+        if op in ("r", "ir"):
+            if region is None:
                 self.unassigned += 1
                 return (1 << (8 * width)) - 1    # an unassigned bus address reads all ones
-            return t.read(addr - base, width)
-        if op == "w":
-            if t is not None:
-                t.write(addr - base, width, int(msg[3]))
-                for qi in t.pending_kicks:
-                    q = t.dev.queues[qi] if qi < len(t.dev.queues) else None
-                    if q is not None and q.ring is not None:
-                        q.ring.n_notifies += 1
-                t.pending_kicks.clear()
-            else:
+            return region.read(addr - region.base, width)
+        if op in ("w", "iw"):
+            if region is None:
                 self.unassigned += 1
+                return None
+            region.write(addr - region.base, width, int(msg[3]))
+            for t in self.transports:
+                kicks = getattr(t, "pending_kicks", None)
+                if kicks:
+                    for qi in kicks:
+                        q = t.dev.queues[qi] if qi < len(t.dev.queues) else None
+                        if q is not None and q.ring is not None:
+                            q.ring.n_notifies += 1
+                    kicks.clear()
             return None
         return f"unknown trap {op!r}"
 
@@ -132,16 +145,22 @@ class HostVM:
     def boot_description(self) -> tuple[dict[str, Any], list[int]]:
         """The machine as the guest should see it, with the fds it needs."""
         fds: list[int] = []
-        mmio, ioeventfds, irqfds = [], [], []
-        for dev, t in zip(self.devices, self.transports, strict=True):
-            mmio.append({"name": dev.name, "base": t.base, "size": t.size, "irq": t.irq})
-            for addr, data, efd in t.ioeventfds():
-                ioeventfds.append({"addr": addr, "data": data, "fd": len(fds)})
+        nodes, ioeventfds, irqfds = [], [], []
+        for t in self.transports:
+            node = t.boot_node()
+            if node is not None:
+                nodes.append(node)
+            for space, addr, data, efd in t.ioeventfds():
+                ioeventfds.append({"space": space, "addr": addr, "data": data, "fd": len(fds)})
                 fds.append(efd.fileno())
-            irqfds.append({"irq": t.irq, "fd": len(fds)})
-            fds.append(t.irqfd.fileno())
+            for line, efd in t.irqfds():
+                irqfds.append({"irq": line, "fd": len(fds)})
+                fds.append(efd.fileno())
         desc = {"ram": {"name": self.ram_name, "base": self.mem.base, "size": self.mem.size},
-                "mmio": mmio, "ioeventfds": ioeventfds, "irqfds": irqfds}
+                "mmio": [n for n in nodes if n["type"] == "virtio-mmio"],
+                "pci": self.board.pci.describe() if self.board.pci is not None else None,
+                "css": self.board.css.describe() if self.board.css is not None else None,
+                "ioeventfds": ioeventfds, "irqfds": irqfds}
         return desc, fds
 
     # ---- report & teardown -----------------------------------------------------------------------
@@ -155,7 +174,8 @@ class HostVM:
                 "status": dev.status, "errors": list(dev.errors),
                 "guest_errors": list(dev.guest_errors),
                 "exits": {"read": t.exits_read, "write": t.exits_write,
-                          "trapped_notify": t.n_trapped_notifies},
+                          "by_kind": dict(t.exits),
+                          "trapped_notify": getattr(t, "n_trapped_notifies", 0)},
                 "interrupts": t.n_interrupts, "config_interrupts": dev.n_config_interrupts,
                 "resets": dev.n_resets,
                 "queue_sizes": [q.num for q in dev.queues],

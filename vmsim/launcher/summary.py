@@ -40,9 +40,10 @@ def build_summary(*, topo: Topology, layout: RunLayout, stats: StatsRegion, sour
                 drec.update(snap)
             hd = hvm.get(dname, {})
             gd = gdevs.get(dname, {})
-            # Features are negotiated only once the device accepted FEATURES_OK.
+            # Features are negotiated once the device accepted FEATURES_OK (or, on a legacy
+            # interface, which has no FEATURES_OK, once the driver set DRIVER_OK).
             requested = drec["driver_features"]
-            negotiated = requested if drec["status"] & S.FEATURES_OK else 0
+            negotiated = requested if drec["status"] & (S.FEATURES_OK | S.DRIVER_OK) else 0
             queues = []
             for i, rec in enumerate(layout.queue_records[(vname, dname)]):
                 q = snapshot(stats.queue(rec), Q)

@@ -65,7 +65,7 @@ class Faults(Strict):
 
 class BlkDeviceSpec(Strict):
     type: Literal["blk"]
-    transport: Literal["mmio"] = "mmio"
+    transport: Literal["mmio", "mmio-legacy", "pci", "pci-legacy", "ccw"] = "mmio"
     ring: Literal["split", "packed"] = Field(
         "split", description="packed: the device offers VIRTIO_F_RING_PACKED")
     queue_size: int = 256

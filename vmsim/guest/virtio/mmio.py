@@ -1,4 +1,4 @@
-"""The virtio-mmio transport driver (drivers/virtio/virtio_mmio.c), version 2.
+"""The virtio-mmio transport driver (drivers/virtio/virtio_mmio.c), versions 2 and 1.
 
 The guest finds MMIO devices in the device list the host publishes (its device tree: a base
 address and an interrupt line per node), checks the magic value, version and device ID by
@@ -57,13 +57,15 @@ class VirtioMmio:
         if magic != M.MAGIC:
             raise MmioProbeError(f"wrong magic value 0x{magic:08x}")
         self.version = rd(self.base + M.VERSION)
-        if self.version != 2:
+        if self.version not in (1, 2):
             raise MmioProbeError(f"version {self.version} not supported")
         device_id = rd(self.base + M.DEVICE_ID)
         if device_id == 0:
             # "Don't register a device that doesn't exist": a placeholder slot.
             raise MmioProbeError("device ID 0 (an empty slot)")
         vendor = rd(self.base + M.VENDOR_ID)
+        if self.version == 1:
+            self.platform.writel(self.base + M.GUEST_PAGE_SIZE, PAGE_SIZE)
         vdev = VirtioDevice(name, device_id, vendor, self, dev_stats)
         vdev.transport = self
         self.vdev = vdev
@@ -138,8 +140,9 @@ class VirtioMmio:
         return True
 
     def _notify_with_data(self, vq: Virtqueue) -> bool:
-        """vm_notify_with_data: the queue index with the next available position (the value
-        matches no ioeventfd, so each such kick is a trapped write, as on real hardware)."""
+        """vm_notify_with_data: the queue index with the next available position. Such a
+        value matches the ioeventfd (datamatch: the queue index) only when the position is 0,
+        so nearly every such kick is a trapped write, as under KVM."""
         self.platform.writel(self.base + M.QUEUE_NOTIFY, vq.notification_data())
         return True
 
@@ -163,7 +166,7 @@ class VirtioMmio:
                   want: int) -> Virtqueue:
         wr, rd = self.platform.writel, self.platform.readl
         wr(self.base + M.QUEUE_SEL, index)
-        if rd(self.base + M.QUEUE_READY):
+        if rd(self.base + (M.QUEUE_PFN if self.version == 1 else M.QUEUE_READY)):
             raise OSError(errno.ENOENT, f"queue {index} already set up")
         num = rd(self.base + M.QUEUE_NUM_MAX)
         if num == 0:
@@ -189,10 +192,18 @@ class VirtioMmio:
         return vq
 
     def _activate(self, vq: Virtqueue) -> None:
-        """Program the selected queue's size and ring addresses, then QueueReady."""
+        """Program the selected queue's size and ring addresses, then QueueReady (version 2);
+        its size, QueueAlign and the page frame of its contiguous vring (version 1)."""
         wr = self.platform.writel
         wr(self.base + M.QUEUE_SEL, vq.index)
         wr(self.base + M.QUEUE_NUM, vq.get_vring_size())
+        if self.version == 1:
+            q_pfn = vq.desc_addr // PAGE_SIZE
+            if q_pfn >> 32:
+                raise OSError(errno.E2BIG, "virtio-mmio v1 needs the ring below 16 TiB")
+            wr(self.base + M.QUEUE_ALIGN, PAGE_SIZE)
+            wr(self.base + M.QUEUE_PFN, q_pfn)
+            return
         for lo, addr in ((M.QUEUE_DESC_LOW, vq.desc_addr), (M.QUEUE_DRIVER_LOW, vq.avail_addr),
                          (M.QUEUE_DEVICE_LOW, vq.used_addr)):
             wr(self.base + lo, addr & 0xFFFFFFFF)
@@ -233,11 +244,12 @@ class VirtioMmio:
     def del_vqs(self, vdev: VirtioDevice) -> None:
         """vm_del_vqs: disable each queue on the device, free the ring, free the irq."""
         wr, rd = self.platform.writel, self.platform.readl
+        ready = M.QUEUE_PFN if self.version == 1 else M.QUEUE_READY
         for vq in vdev.vqs:
             wr(self.base + M.QUEUE_SEL, vq.index)
-            wr(self.base + M.QUEUE_READY, 0)
-            if rd(self.base + M.QUEUE_READY):
-                log.warning("%s: queue %d still ready after disable", vdev.name, vq.index)
+            wr(self.base + ready, 0)
+            if rd(self.base + ready):
+                log.warning("%s: queue %d still active after disable", vdev.name, vq.index)
             vq.publish_stats()
             vring_del_virtqueue(vq)
         vdev.vqs = []

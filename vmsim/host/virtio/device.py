@@ -98,6 +98,13 @@ class VirtioDevice:
         self.n_config_interrupts = 0
         self._publish_device_stats()
 
+    def make_legacy(self) -> None:
+        """The device sits on a legacy interface (virtio-mmio v1, legacy virtio-pci): 32
+        feature bits, no VERSION_1 (nor what needs it), no FEATURES_OK step."""
+        self.legacy = True
+        self.device_features &= 0xFFFFFFFF
+        self._publish_device_stats()
+
     # ---- device type hooks -----------------------------------------------------------------------
     def config_space(self) -> bytearray:
         """The device-specific configuration space (current contents)."""

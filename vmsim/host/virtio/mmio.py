@@ -1,30 +1,43 @@
-"""virtio-mmio register emulation, version 2 (virtio spec 4.2.2; QEMU hw/virtio/virtio-mmio.c).
+"""virtio-mmio register emulation, version 2 and version 1 (legacy) (virtio spec 4.2.2 and
+4.2.4; QEMU hw/virtio/virtio-mmio.c).
 
-One instance per device: a register window at `base` in the guest-physical space and one
-interrupt line (an irqfd). Accesses arrive as trapped reads and writes (exits); the queue
-notify register is normally bound to the queues' ioeventfds, so a guest's kick reaches the
-device without an exit, as with KVM.
+One instance per device: a register window in the guest-physical space and one interrupt
+line (an irqfd) whose cause the driver reads in InterruptStatus and clears in InterruptACK.
+Accesses arrive as trapped reads and writes (exits); QueueNotify is bound to the queues'
+ioeventfds, so a kick reaches the device without an exit, as with KVM.
+
+Version 1 places each queue with GuestPageSize, QueueAlign and QueuePFN (the legacy
+contiguous vring) instead of QueueReady and the three 64-bit ring addresses; its device is a
+legacy one (32 feature bits, no VERSION_1, no FEATURES_OK).
 """
 
 from vmsim.abi import features as F
 from vmsim.abi import ids
 from vmsim.abi import mmio as M
+from vmsim.abi import split_ring as R
 from vmsim.abi import status as S
-from vmsim.host.virtio.device import VirtioDevice
+from vmsim.host.board import Region
+from vmsim.host.virtio.device import QueueState, VirtioDevice
+from vmsim.host.virtio.transport import HostTransport
 from vmsim.machine.eventfd import EventFd
 from vmsim.machine.stats import D
 
 U32 = 0xFFFFFFFF
+V2_ONLY = {M.QUEUE_READY, M.QUEUE_DESC_LOW, M.QUEUE_DESC_HIGH, M.QUEUE_DRIVER_LOW,
+           M.QUEUE_DRIVER_HIGH, M.QUEUE_DEVICE_LOW, M.QUEUE_DEVICE_HIGH, M.SHM_SEL,
+           M.SHM_LEN_LOW, M.SHM_LEN_HIGH, M.SHM_BASE_LOW, M.SHM_BASE_HIGH, M.QUEUE_RESET,
+           M.CONFIG_GENERATION}
+V1_ONLY = {M.GUEST_PAGE_SIZE, M.QUEUE_ALIGN, M.QUEUE_PFN}
 
 
-class MmioTransport:
+class MmioTransport(HostTransport):
     """The register window of one virtio-mmio device."""
 
-    name = "mmio"
-
     def __init__(self, dev: VirtioDevice, base: int, irq: int, version: int = 2) -> None:
-        if version != 2:
-            raise ValueError("virtio-mmio version 1 (legacy) is not supported yet")
+        super().__init__()
+        if version not in (1, 2):
+            raise ValueError(f"virtio-mmio version {version} does not exist")
+        self.name = "mmio" if version == 2 else "mmio-legacy"
         self.dev = dev
         self.base = base
         self.size = M.REGION_SIZE
@@ -35,14 +48,16 @@ class MmioTransport:
         self.device_features_sel = 0
         self.driver_features_sel = 0
         self.queue_sel = 0
-        self.exits_read = 0
-        self.exits_write = 0
+        self.guest_page_size = 0
+        self.queue_align: dict[int, int] = {}
+        self.queue_pfn: dict[int, int] = {}
         self.n_trapped_notifies = 0
-        self.n_interrupts = 0
         self.pending_kicks: list[int] = []   # queue notifies that came by trap, not eventfd
+        if version == 1:
+            dev.make_legacy()
         dev.transport = self
 
-    # ---- interrupts (the device model calls these) -----------------------------------------------
+    # ---- interrupts (the device model calls these) ----------------------------------------------
     def signal_used(self, queue_index: int) -> None:
         self.interrupt_status |= M.INT_VRING
         self.n_interrupts += 1
@@ -53,15 +68,25 @@ class MmioTransport:
         self.n_interrupts += 1
         self.irqfd.signal()
 
-    # ---- ioeventfds the guest may bind -----------------------------------------------------------
-    def ioeventfds(self) -> list[tuple[int, int, EventFd]]:
-        """(address, datamatch, eventfd) for each queue's notify: a write of the queue index to
-        QueueNotify signals that queue's kick eventfd."""
-        return [(self.base + M.QUEUE_NOTIFY, q.index, q.kick) for q in self.dev.queues]
+    # ---- wiring ----------------------------------------------------------------------------------
+    def regions(self) -> list[Region]:
+        return [Region("mmio", self.base, self.size, self.read, self.write, self.dev.name)]
+
+    def ioeventfds(self) -> list[tuple[str, int, int, EventFd]]:
+        """A write of the queue index to QueueNotify signals that queue's kick eventfd."""
+        return [("mmio", self.base + M.QUEUE_NOTIFY, q.index, q.kick) for q in self.dev.queues]
+
+    def irqfds(self) -> list[tuple[int, EventFd]]:
+        return [(self.irq, self.irqfd)]
+
+    def boot_node(self) -> dict:
+        """The device-tree node: compatible = "virtio,mmio", reg, interrupts."""
+        return {"type": "virtio-mmio", "name": self.dev.name, "base": self.base,
+                "size": self.size, "irq": self.irq}
 
     # ---- register access -------------------------------------------------------------------------
     def read(self, offset: int, width: int) -> int:
-        self.exits_read += 1
+        self.count_exit("mmio_read", False)
         self._publish_exits()
         dev = self.dev
         if offset >= M.CONFIG:
@@ -71,6 +96,10 @@ class MmioTransport:
             return dev.read_config(offset - M.CONFIG, width)
         if width != 4 or offset % 4:
             dev.guest_error(f"mmio read of width {width} at 0x{offset:x}: registers are 32-bit")
+            return 0
+        if not self._exists(offset):
+            dev.guest_error(f"mmio v{self.version} read of register 0x{offset:x}, which only "
+                            f"version {3 - self.version} has")
             return 0
         if offset == M.MAGIC_VALUE:
             return M.MAGIC
@@ -90,6 +119,9 @@ class MmioTransport:
         if offset == M.QUEUE_READY:
             q = self._queue()
             return int(q is not None and q.ready)
+        if offset == M.QUEUE_PFN:
+            q = self._queue()
+            return self.queue_pfn.get(q.index, 0) if q is not None and q.ready else 0
         if offset == M.INTERRUPT_STATUS:
             return self.interrupt_status
         if offset == M.STATUS:
@@ -104,7 +136,7 @@ class MmioTransport:
         return 0
 
     def write(self, offset: int, width: int, value: int) -> None:
-        self.exits_write += 1
+        self.count_exit("mmio_write", True)
         self._publish_exits()
         dev = self.dev
         if offset >= M.CONFIG:
@@ -116,6 +148,10 @@ class MmioTransport:
         if width != 4 or offset % 4:
             dev.guest_error(f"mmio write of width {width} at 0x{offset:x}: registers are 32-bit")
             return
+        if not self._exists(offset):
+            dev.guest_error(f"mmio v{self.version} write of register 0x{offset:x}, which only "
+                            f"version {3 - self.version} has")
+            return
         value &= U32
         if offset == M.DEVICE_FEATURES_SEL:
             self.device_features_sel = value
@@ -123,12 +159,20 @@ class MmioTransport:
             dev.set_driver_features(self.driver_features_sel, value)
         elif offset == M.DRIVER_FEATURES_SEL:
             self.driver_features_sel = value
+        elif offset == M.GUEST_PAGE_SIZE:
+            self.guest_page_size = value
         elif offset == M.QUEUE_SEL:
             self.queue_sel = value
         elif offset == M.QUEUE_NUM:
             q = self._queue_for_setup("QueueNum")
             if q is not None:
                 q.num = value
+        elif offset == M.QUEUE_ALIGN:
+            q = self._queue_for_setup("QueueAlign")
+            if q is not None:
+                self.queue_align[q.index] = value
+        elif offset == M.QUEUE_PFN:
+            self._write_pfn(value)
         elif offset == M.QUEUE_READY:
             q = self._queue()
             if q is None:
@@ -139,15 +183,7 @@ class MmioTransport:
             elif not value & 1:
                 dev.queue_disable(q)
         elif offset == M.QUEUE_NOTIFY:
-            self.n_trapped_notifies += 1
-            qi = value & 0xFFFF
-            if dev.negotiated(F.VIRTIO_F_NOTIFICATION_DATA) and qi < len(dev.queues):
-                ring = dev.queues[qi].ring
-                if ring is not None and not ring.check_notification(value):
-                    ring.n_notify_data_errors += 1
-                    dev.guest_error(f"queue {qi}: notification data 0x{value:08x} is ahead of "
-                                    f"the ring")
-            self.pending_kicks.append(qi)
+            self._trapped_notify(value)
         elif offset == M.INTERRUPT_ACK:
             self.interrupt_status &= ~value
         elif offset == M.STATUS:
@@ -172,13 +208,56 @@ class MmioTransport:
         else:
             dev.guest_error(f"mmio write to read-only or unknown register 0x{offset:x}")
 
-    def _queue(self):
+    def _exists(self, offset: int) -> bool:
+        return offset not in (V1_ONLY if self.version == 2 else V2_ONLY)
+
+    def _trapped_notify(self, value: int) -> None:
+        dev = self.dev
+        self.n_trapped_notifies += 1
+        qi = value & 0xFFFF
+        if dev.negotiated(F.VIRTIO_F_NOTIFICATION_DATA) and qi < len(dev.queues):
+            ring = dev.queues[qi].ring
+            if ring is not None and not ring.check_notification(value):
+                ring.n_notify_data_errors += 1
+                dev.guest_error(f"queue {qi}: notification data 0x{value:08x} is ahead of the "
+                                f"ring")
+        self.pending_kicks.append(qi)
+
+    def _write_pfn(self, pfn: int) -> None:
+        """Version 1: a non-zero page frame number places the selected queue's contiguous
+        vring there and activates it; zero deactivates it."""
+        dev = self.dev
+        q = self._queue()
+        if q is None:
+            dev.guest_error(f"QueuePFN for queue {self.queue_sel}, which does not exist")
+            return
+        if pfn == 0:
+            dev.queue_disable(q)
+            self.queue_pfn.pop(q.index, None)
+            return
+        if q.ready:
+            dev.guest_error(f"QueuePFN written while queue {q.index} is active")
+            return
+        page = self.guest_page_size
+        align = self.queue_align.get(q.index, R.LEGACY_VRING_ALIGN)
+        if not page or page & (page - 1) or not align or align & (align - 1):
+            dev.virtio_error(f"queue {q.index}: GuestPageSize {page} / QueueAlign {align} "
+                             f"is not a power of two")
+            return
+        q.desc = pfn * page
+        q.driver = q.desc + R.desc_table_size(q.num)
+        q.device = q.desc + R.used_offset_in_vring(q.num, align)
+        self.queue_pfn[q.index] = pfn
+        dev.queue_enable(q)
+
+    def _queue(self) -> QueueState | None:
         qs = self.dev.queues
         return qs[self.queue_sel] if self.queue_sel < len(qs) else None
 
-    def _queue_for_setup(self, what: str):
+    def _queue_for_setup(self, what: str) -> QueueState | None:
         """The selected queue, if its registers may be written now: it exists, is not ready,
-        and the driver has set FEATURES_OK but not DRIVER_OK (spec 4.2.3.2)."""
+        and (version 2) the driver has set FEATURES_OK but not DRIVER_OK (spec 4.2.3.2), or
+        the queue was reset with VIRTIO_F_RING_RESET."""
         q = self._queue()
         dev = self.dev
         if q is None:
@@ -188,7 +267,11 @@ class MmioTransport:
             dev.guest_error(f"{what} written while queue {q.index} is ready")
             return None
         st = dev.status
-        # Before DRIVER_OK; or after it, for a queue reset with VIRTIO_F_RING_RESET.
+        if self.version == 1:
+            if not st & S.DRIVER:
+                dev.guest_error(f"{what} written in status {S.describe(st)}")
+                return None
+            return q
         if not st & S.FEATURES_OK or (st & S.DRIVER_OK
                                        and not dev.negotiated(F.VIRTIO_F_RING_RESET)):
             dev.guest_error(f"{what} written in status {S.describe(st)}")
@@ -196,7 +279,7 @@ class MmioTransport:
         return q
 
     @staticmethod
-    def _set_queue_addr(q, offset: int, value: int) -> None:
+    def _set_queue_addr(q: QueueState, offset: int, value: int) -> None:
         field = {M.QUEUE_DESC_LOW: "desc", M.QUEUE_DESC_HIGH: "desc",
                  M.QUEUE_DRIVER_LOW: "driver", M.QUEUE_DRIVER_HIGH: "driver",
                  M.QUEUE_DEVICE_LOW: "device", M.QUEUE_DEVICE_HIGH: "device"}[offset]

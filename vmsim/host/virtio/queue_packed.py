@@ -349,6 +349,10 @@ class PackedQueue(DeviceQueue):
             needs = True
         else:
             event = P.event_idx(snap & 0xFFFF, self.used_wrap_counter, self.num)
+            if new <= old:
+                # The used position wrapped since the last decision: count `old` a lap back,
+                # so the window (old, new] is what was used (DPDK's vhost_need_event_packed).
+                old -= self.num
             needs = not valid or ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         if needs:
             self.n_interrupts += 1
@@ -377,20 +381,25 @@ class PackedQueue(DeviceQueue):
         return self.has_work()
 
     def check_notification(self, data: int) -> bool:
-        """next_off / next_wrap of a notification must not be ahead of the ring: every
-        descriptor from the device's position up to it must be available (or already
-        taken)."""
+        """next_off / next_wrap of a notification must not be ahead of the ring. Positions are
+        compared modulo two laps (the wrap counter is the lap's parity): up to one lap ahead
+        of the device, every descriptor before the position must be available (the one just
+        before it is checked); otherwise the position is one the device has passed, which is
+        fine: the driver computes the value when it kicks, which can be after the device took
+        those buffers. (With one bit of lap, "a lap and one ahead" reads as "a lap less one
+        behind"; the format cannot tell them apart.)"""
         nxt = data >> 16
         off = nxt & 0x7FFF
-        wrap = nxt >> 15
-        pos, w = self.last_avail_idx, self.avail_wrap_counter
-        dist = (off - pos) % self.num if wrap == w else (off - pos) % self.num or self.num
-        if wrap != w and off > pos:
-            return False            # more than a lap ahead
-        if dist == 0:
-            return True
-        last = (off - 1) % self.num
-        lw = w if last >= pos else w ^ 1
+        nwrap = nxt >> 15
+        num = self.num
+        if off >= num:
+            return False
+        laps = 2 * num
+        dev = self.last_avail_idx + (0 if self.avail_wrap_counter else num)
+        ahead = (off + (0 if nwrap else num) - dev) % laps
+        if ahead == 0 or ahead > num:
+            return True                 # at or behind the device
+        last, lw = (off - 1, nwrap) if off > 0 else (num - 1, nwrap ^ 1)
         flags = self.ring_h[8 * last + 7]
         return bool(flags & F_AVAIL) == bool(lw) and bool(flags & F_USED) != bool(lw)
 
