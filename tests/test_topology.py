@@ -165,7 +165,7 @@ def test_there_are_shipped_configs():
      "unknown feature 'NOPE'"),
     ({f"{DEV}.features": {"offer": ["64"]}}, f"{DEV}.features.offer", "unknown feature '64'"),
     # literals and discriminators
-    ({f"{DEV}.type": "net"}, DEV, "unknown type 'net'"),
+    ({f"{DEV}.type": "scsi"}, DEV, "unknown type 'scsi'"),
     ({f"{DEV}.type": DELETE}, DEV, "'type' key is required"),
     ({f"{DEV}.transport": "usb"}, f"{DEV}.transport", "'mmio', 'mmio-legacy', 'pci'"),
     ({f"{DEV}.ring": "ring-buffer"}, f"{DEV}.ring", "'split' or 'packed'"),

@@ -17,6 +17,7 @@ from typing import Any
 
 from vmsim.abi.endian import require_little_endian
 from vmsim.guest.drivers.blk import BlkDriver
+from vmsim.guest.drivers.net import NetDriver
 from vmsim.guest.memory import DmaMemory, GuestRAM
 from vmsim.guest.platform import IrqController, Platform
 from vmsim.guest.virtio.core import VirtioBus, VirtioDevice
@@ -24,6 +25,7 @@ from vmsim.guest.virtio.mmio import MmioProbeError, VirtioMmio
 from vmsim.guest.workloads import FailedWorkload, Workload, WorkloadError
 from vmsim.guest.workloads.blk_bench import BlkBench
 from vmsim.guest.workloads.blk_verify import BlkVerify
+from vmsim.guest.workloads.net import NET_WORKLOADS
 from vmsim.machine import proc, shm
 from vmsim.machine.eventfd import EventFd
 from vmsim.machine.stats import StatsRegion
@@ -31,7 +33,7 @@ from vmsim.machine.wire import Channel, ChannelClosed
 
 log = logging.getLogger("vmsim.guest")
 
-WORKLOADS: dict[str, type] = {"blk-verify": BlkVerify, "blk-bench": BlkBench}
+WORKLOADS: dict[str, type] = {"blk-verify": BlkVerify, "blk-bench": BlkBench, **NET_WORKLOADS}
 DRAIN_TIMEOUT_S = 5.0
 PUBLISH_EVERY_MS = 100
 
@@ -56,6 +58,7 @@ class Guest:
         self.devices: dict[str, VirtioDevice] = {}
         self.probe_errors: dict[str, str] = {}
         self.bound: dict[str, str] = {}          # device -> the driver that probed it
+        self.driver_info: dict[str, dict] = {}   # device -> its driver's state at the end
         self.workloads: list[Workload] = []
         self.eventfds: list[EventFd] = []
 
@@ -83,6 +86,7 @@ class Guest:
         self.irqc.start()
         poll = spec.get("driver_poll_us", {})
         self.bus.register_driver(BlkDriver(self.dma, lambda name: int(poll.get(name, 0))))
+        self.bus.register_driver(NetDriver(self.dma, lambda name: int(poll.get(name, 0))))
         for node in desc["mmio"]:
             self._probe_mmio(node)
 
@@ -174,6 +178,9 @@ class Guest:
             if self.irqc.error is not None:
                 raise RuntimeError(f"interrupt thread failed: {self.irqc.error!r}")
             self.publish()
+            now = time.monotonic_ns()
+            for w in self.workloads:
+                w.tick(now)
             if not told_done and self.workloads and self.workloads_finished():
                 self.lch.send(("done",))
                 told_done = True
@@ -187,6 +194,9 @@ class Guest:
             if not w.idle_event.wait(max(0.0, deadline - time.monotonic())):
                 w.error(f"{w.in_flight} requests still in flight after {DRAIN_TIMEOUT_S} s")
         self.publish()
+        for name, vdev in self.devices.items():
+            if vdev.priv is not None and hasattr(vdev.priv, "describe"):
+                self.driver_info[name] = vdev.priv.describe()
         for vdev in list(self.bus.devices):
             self.bus.unregister_device(vdev)
         for w in self.workloads:
@@ -199,6 +209,7 @@ class Guest:
             t = self.transports[name]
             devices[name] = {
                 "driver": self.bound.get(name),
+                "driver_info": self.driver_info.get(name, {}),
                 "probe_error": self.probe_errors.get(name, ""),
                 "features": vdev.features,
                 "device_features": vdev.device_features,
@@ -236,6 +247,17 @@ def main(argv: list[str] | None = None) -> int:
     g = Guest(spec, lch)
     try:
         g.boot()
+        # Every VM boots, then the launcher starts them together (a peer must be up before
+        # a workload talks to it).
+        lch.send(("booted",))
+        while True:
+            msg = lch.recv_obj()
+            if msg and msg[0] == "start":
+                break
+            if msg and msg[0] == "stop":
+                g.shutdown()
+                lch.send(("report", g.report()))
+                return 0
         g.start_workloads()
         lch.send(("running", {"devices": sorted(g.devices),
                               "probe_errors": g.probe_errors}))

@@ -95,7 +95,7 @@ class EventLoop:
             n = 0
             for dev, q in self.live:
                 ring = q.ring
-                if ring is not None and ring.has_work():
+                if ring is not None and ring.has_work() and dev.wants_service(q):
                     t0 = mono()
                     n += dev.service(q)
                     self.busy_ns += mono() - t0
@@ -125,16 +125,16 @@ class EventLoop:
                 self._dispatch(events)
             else:
                 self.safety_wakeups += 1
-                for _dev, q in self.live:
-                    if q.ring is not None and q.ring.has_work():
+                for dev, q in self.live:
+                    if q.ring is not None and q.ring.has_work() and dev.wants_service(q):
                         q.ring.n_missed += 1
             last_work = mono()
         self.publish_stats()
 
     def _arm(self) -> bool:
         slipped = False
-        for _dev, q in self.live:
-            if q.ring is not None and q.ring.enable_notify():
+        for dev, q in self.live:
+            if q.ring is not None and dev.wants_service(q) and q.ring.enable_notify():
                 slipped = True
         return slipped
 

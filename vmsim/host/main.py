@@ -9,6 +9,7 @@ from typing import Any
 
 from vmsim.abi.endian import require_little_endian
 from vmsim.host.loop import EventLoop
+from vmsim.host.switch import Switch
 from vmsim.host.vm import HostVM
 from vmsim.machine import proc, shm
 from vmsim.machine.stats import StatsRegion
@@ -23,9 +24,10 @@ class Host:
         self.lch = lch
         self.loop = EventLoop(int(spec.get("poll_us", 100)))
         self.stats = StatsRegion(shm.open_map(spec["stats"]))
+        self.switches = {name: Switch(name) for name in spec.get("switches", [])}
         self.vms: list[HostVM] = []
         for vm in spec["vms"]:
-            self.vms.append(HostVM(vm, self.stats, self.loop))
+            self.vms.append(HostVM(vm, self.stats, self.loop, self.switches))
         self.loop.add_reader(lch.fileno(), self._on_launcher)
 
     def _on_launcher(self, _fd: int) -> None:
@@ -39,6 +41,7 @@ class Host:
 
     def report(self) -> dict[str, Any]:
         return {"vms": {vm.name: vm.report() for vm in self.vms},
+                "switches": {name: sw.describe() for name, sw in self.switches.items()},
                 "loop": {"passes": self.loop.passes, "empty_passes": self.loop.empty_passes,
                          "busy_s": round(self.loop.busy_ns / 1e9, 3),
                          "sleeps": self.loop.sleeps,

@@ -17,6 +17,7 @@ from vmsim.host.board import Board
 from vmsim.host.devices.factory import make_device
 from vmsim.host.loop import EventLoop
 from vmsim.host.memory import GuestMemory
+from vmsim.host.switch import Switch
 from vmsim.host.virtio.device import VirtioDevice
 from vmsim.host.virtio.transport import HostTransport
 from vmsim.host.virtio.transports import make_transport
@@ -27,8 +28,16 @@ from vmsim.machine.wire import Channel, ChannelClosed
 log = logging.getLogger("vmsim.host")
 
 
+class DeviceEnv:
+    """What a VM's devices share with the rest of the host."""
+
+    def __init__(self, vm: str, loop: EventLoop, switches: dict[str, Switch]) -> None:
+        self.vm, self.loop, self.switches = vm, loop, switches
+
+
 class HostVM:
-    def __init__(self, spec: dict[str, Any], stats: StatsRegion, loop: EventLoop) -> None:
+    def __init__(self, spec: dict[str, Any], stats: StatsRegion, loop: EventLoop,
+                 switches: dict[str, Switch] | None = None) -> None:
         self.name = spec["name"]
         self.spec = spec
         self.loop = loop
@@ -38,8 +47,9 @@ class HostVM:
         self.board = Board()
         self.devices: list[VirtioDevice] = []
         self.transports: list[HostTransport] = []
+        env = DeviceEnv(self.name, loop, switches or {})
         for dspec in spec["devices"]:
-            dev = make_device(dspec, self.mem, stats)
+            dev = make_device(dspec, self.mem, stats, env)
             t = make_transport(dspec.get("transport", "mmio"), dev, self.board)
             for region in t.regions():
                 (self.board.mmio if region.space == "mmio" else self.board.pio).add(region)

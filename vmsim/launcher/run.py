@@ -174,7 +174,10 @@ class Run:
             g = self._spawn("guest", vname, "vmsim.guest")
             g.chan.send(specs.guest_spec(self.topo, self.layout, vname))
             guests.append(g)
-        self._wait_states({"running", "done"}, guests, STARTUP_TIMEOUT_S, "boot")
+        self._wait_states({"booted"}, guests, STARTUP_TIMEOUT_S, "boot")
+        for g in guests:
+            g.chan.send(("start",))
+        self._wait_states({"running", "done"}, guests, STARTUP_TIMEOUT_S, "start")
         self.started_at = time.monotonic()
 
     def _wait_states(self, states: set[str], children: list[Child], timeout: float,
@@ -250,7 +253,7 @@ class Run:
             c.chan = None
             return
         kind = msg[0] if msg else None
-        if kind in ("ready", "running", "done"):
+        if kind in ("ready", "booted", "running", "done"):
             c.state = kind
             if kind == "running" and msg[1].get("probe_errors"):
                 for dev, err in msg[1]["probe_errors"].items():

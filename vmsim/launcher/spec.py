@@ -3,6 +3,7 @@ VM and device, with backends resolved) and each guest's (its trap socket, worklo
 stats records it writes)."""
 
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,18 @@ def queues_of(dev: Any) -> int:
     """How many virtqueues a device has."""
     if dev.type == "blk":
         return dev.num_queues
+    if dev.type == "net":
+        return 2 * dev.queue_pairs + 1          # the pairs, then the control queue
     return 1
+
+
+def mac_of(vname: str, dname: str, dev: Any) -> str:
+    """A net device's MAC: the configured one, else one derived from its name (locally
+    administered, QEMU's 52:54:00 prefix)."""
+    if getattr(dev, "mac", None):
+        return dev.mac.lower()
+    h = zlib.crc32(f"{vname}.{dname}".encode())
+    return "52:54:00:" + ":".join(f"{h >> s & 0xFF:02x}" for s in (16, 8, 0))
 
 
 def plan(topo: Topology, run: str, rundir: str) -> RunLayout:
@@ -62,6 +74,7 @@ def host_spec(topo: Topology, lay: RunLayout, config_dir: Path) -> dict[str, Any
                 "queue_size": dev.queue_size, "num_queues": queues_of(dev),
                 "offer": offer, "withhold": withhold,
                 "faults": dev.faults.model_dump(),
+                "msix_vectors": getattr(dev, "msix_vectors", None),
                 "device_record": lay.device_records[(vname, dname)],
                 "queue_records": lay.queue_records[(vname, dname)],
             }
@@ -76,13 +89,18 @@ def host_spec(topo: Topology, lay: RunLayout, config_dir: Path) -> dict[str, Any
                 d["blk"] = {"backend": dev.backend, "path": path, "size": dev.size,
                             "readonly": dev.readonly, "serial": dev.serial or f"vmsim-{dname}",
                             "blk_size": dev.blk_size}
+            if dev.type == "net":
+                d["net"] = {"mac": mac_of(vname, dname, dev), "queue_pairs": dev.queue_pairs,
+                            "mtu": dev.mtu, "link_up": dev.link == "up",
+                            "backend": dev.backend.model_dump(exclude_none=True)}
             devices.append(d)
         vms.append({"name": vname,
                     "ram": {"name": lay.ram_names[vname], "base": vm.memory_base,
                             "size": vm.memory},
                     "control": os.path.join(lay.rundir, f"{vname}.sock"),
                     "devices": devices})
-    return {"run": lay.run, "stats": lay.stats_name, "poll_us": topo.host.poll_us, "vms": vms}
+    return {"run": lay.run, "stats": lay.stats_name, "poll_us": topo.host.poll_us, "vms": vms,
+            "switches": list(topo.switches)}
 
 
 def guest_spec(topo: Topology, lay: RunLayout, vname: str) -> dict[str, Any]:
@@ -91,6 +109,10 @@ def guest_spec(topo: Topology, lay: RunLayout, vname: str) -> dict[str, Any]:
     for wname, w in vm.workloads.items():
         d = w.model_dump()
         d["name"] = wname
+        peer = getattr(w, "peer", None)
+        if peer:
+            pvm, _, pdev = peer.partition(".")
+            d["peer_mac"] = mac_of(pvm, pdev, topo.vms[pvm].devices[pdev])
         workloads.append(d)
     return {
         "vm": vname,

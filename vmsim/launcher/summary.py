@@ -8,12 +8,13 @@ from rich.table import Table
 
 from vmsim.abi import blk as B
 from vmsim.abi import features as F
+from vmsim.abi import net as N
 from vmsim.abi import status as S
 from vmsim.launcher.spec import RunLayout
 from vmsim.launcher.topology import Topology
 from vmsim.machine.stats import D, Q, StatsRegion, W, snapshot
 
-DEVICE_FEATURE_NAMES = {"blk": B.FEATURE_NAMES}
+DEVICE_FEATURE_NAMES = {"blk": B.FEATURE_NAMES, "net": N.FEATURE_NAMES}
 
 
 def build_summary(*, topo: Topology, layout: RunLayout, stats: StatsRegion, source: str,
@@ -85,6 +86,17 @@ def build_summary(*, topo: Topology, layout: RunLayout, stats: StatsRegion, sour
             for k in ("backend", "capacity_bytes", "readonly", "requests", "transport_info"):
                 if k in hd:
                     devices[dname][k] = hd[k]
+            # the rest of what the device and its driver said of themselves
+            standard = {"transport", "transport_info", "device_features", "driver_features",
+                        "status", "errors", "guest_errors", "exits", "interrupts",
+                        "config_interrupts", "resets", "queue_sizes"}
+            info = {k: v for k, v in hd.items() if k not in standard}
+            if info:
+                devices[dname]["info"] = info
+            if gd.get("driver_info"):
+                devices[dname]["driver_info"] = gd["driver_info"]
+            if hd.get("exits", {}).get("by_kind"):
+                devices[dname]["exits"]["by_kind"] = hd["exits"]["by_kind"]
         vms[vname] = {"memory": vm.memory, "devices": devices,
                       "exits": grep.get("exits", 0),
                       "ioeventfd_writes": grep.get("ioeventfd_writes", 0)}
@@ -94,8 +106,12 @@ def build_summary(*, topo: Topology, layout: RunLayout, stats: StatsRegion, sour
             secs = rep.get("seconds") or (
                 (rec["ended_ns"] or 0) - rec["started_ns"]) / 1e9 if rec["started_ns"] else 0
             secs = secs if secs and secs > 0 else elapsed
+            extra = {k: v for k, v in rep.items()
+                     if k not in ("kind", "ops", "bytes", "errors", "reads", "writes",
+                                  "flushes", "other", "seconds", "ops_per_s", "mb_per_s",
+                                  "error_messages")}
             entry = {
-                "vm": vname, "type": w.type, "device": w.device,
+                "vm": vname, "type": w.type, "device": w.device, **extra,
                 "ops": rec["ops"], "bytes": rec["bytes"], "errors": rec["errors"],
                 "reads": rec["reads"], "writes": rec["writes"], "flushes": rec["flushes"],
                 "seconds": round(secs, 3),
@@ -110,6 +126,7 @@ def build_summary(*, topo: Topology, layout: RunLayout, stats: StatsRegion, sour
     return {"run": layout.run, "config": source, "topology": topo.name,
             "elapsed_s": round(elapsed, 3), "vms": vms, "workloads": workloads,
             "host": {"loop": (host_report or {}).get("loop", {})},
+            "switches": (host_report or {}).get("switches", {}),
             "totals": totals, "problems": list(problems)}
 
 

@@ -21,6 +21,7 @@ from pydantic import (
 
 from vmsim.abi import blk as B
 from vmsim.abi import features as F
+from vmsim.abi import net as N
 
 MiB = 1 << 20
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.I)
@@ -79,6 +80,9 @@ class BlkDeviceSpec(Strict):
     readonly: bool = False
     serial: str | None = None
     blk_size: int = 512
+    msix_vectors: int | None = Field(
+        None, ge=0, le=128, description="PCI: MSI-X table size (default a vector per queue "
+        "plus one; 2 forces a shared queue vector, 0 or 1 INTx)")
 
     @field_validator("queue_size")
     @classmethod
@@ -116,6 +120,13 @@ class BlkDeviceSpec(Strict):
         return self
 
     @model_validator(mode="after")
+    def _msix(self) -> "BlkDeviceSpec":
+        if self.msix_vectors is not None and not self.transport.startswith("pci"):
+            raise ValueError(f"msix_vectors: only PCI transports have MSI-X (transport is "
+                             f"{self.transport})")
+        return self
+
+    @model_validator(mode="after")
     def _backend(self) -> "BlkDeviceSpec":
         if self.backend == "memory" and self.path is not None:
             raise ValueError("path: a memory backend has no file; drop path or use "
@@ -138,7 +149,67 @@ def _feature_list(names: list[str], device_names: dict[int, str], key: str) -> l
     return bits
 
 
-DeviceSpec = Annotated[BlkDeviceSpec, Field(discriminator="type")]
+class NetBackendSpec(Strict):
+    switch: str | None = None
+    tap: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "NetBackendSpec":
+        if (self.switch is None) == (self.tap is None):
+            raise ValueError("expected exactly one of switch: NAME or tap: IFNAME")
+        if self.tap is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", self.tap):
+            raise ValueError(f"tap: expected an interface name of 1 to 15 characters, "
+                             f"got {self.tap!r}")
+        return self
+
+
+class NetDeviceSpec(Strict):
+    type: Literal["net"]
+    transport: Literal["mmio", "mmio-legacy", "pci", "pci-legacy", "ccw"] = "mmio"
+    ring: Literal["split", "packed"] = "split"
+    queue_size: int = 256
+    queue_pairs: int = Field(1, ge=1, le=16)
+    mac: str | None = None
+    mtu: int = Field(1500, ge=68, le=9000)
+    link: Literal["up", "down"] = "up"
+    backend: NetBackendSpec
+    features: FeatureSpec = Field(default_factory=FeatureSpec)
+    faults: Faults = Field(default_factory=Faults)
+    poll_us: int = Field(50, ge=0, le=1_000_000, description="driver busy-poll after work")
+
+    @field_validator("queue_size")
+    @classmethod
+    def _queue_size(cls, v: int) -> int:
+        if not 0 < v <= 32768:
+            raise ValueError(f"expected 1 to 32768 (a power of two for a split ring), got {v}")
+        return v
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                mac = N.parse_mac(v)
+            except ValueError:
+                raise ValueError(f"expected a MAC address such as 52:54:00:12:34:56, "
+                                 f"got {v!r}") from None
+            if N.is_multicast(mac):
+                raise ValueError(f"{v} is a multicast address")
+        return v
+
+    @model_validator(mode="after")
+    def _ring_size(self) -> "NetDeviceSpec":
+        if self.ring == "split" and self.queue_size & (self.queue_size - 1):
+            raise ValueError(f"queue_size: expected a power of two from 1 to 32768 for a split "
+                             f"ring, got {self.queue_size} (a packed ring may have any size)")
+        return self
+
+    def feature_bits(self) -> tuple[list[int], list[int]]:
+        return (_feature_list(self.features.offer, N.FEATURE_NAMES, "features.offer"),
+                _feature_list(self.features.withhold, N.FEATURE_NAMES, "features.withhold"))
+
+
+DeviceSpec = Annotated[BlkDeviceSpec | NetDeviceSpec, Field(discriminator="type")]
 
 
 class BlkVerifySpec(Strict):
@@ -165,7 +236,48 @@ class BlkBenchSpec(Strict):
     seed: int = 1
 
 
-WorkloadSpec = Annotated[BlkVerifySpec | BlkBenchSpec, Field(discriminator="type")]
+class NetEchoSpec(Strict):
+    type: Literal["net-echo"]
+    device: str
+
+
+class NetPingSpec(Strict):
+    type: Literal["net-ping"]
+    device: str
+    peer: str = Field(description="VM.DEVICE of the net-echo side")
+    count: int | None = Field(None, ge=1)
+    size: int = Field(64, ge=0, le=1400)
+    timeout_ms: int = Field(1000, ge=1)
+
+
+class NetStreamSpec(Strict):
+    type: Literal["net-stream"]
+    device: str
+    peer: str = Field(description="VM.DEVICE of the net-sink side")
+    frames: int | None = Field(None, ge=1)
+    flows: int = Field(1, ge=1, le=256)
+    size: int = Field(256, ge=0, le=1400)
+    window: int = Field(128, ge=1, le=4096)
+    csum_offload: bool = False
+
+
+class NetSinkSpec(Strict):
+    type: Literal["net-sink"]
+    device: str
+    expect: int | None = Field(None, ge=1)
+
+
+class NetResponderSpec(Strict):
+    type: Literal["net-responder"]
+    device: str
+    ip: str = Field(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")
+
+
+NET_WORKLOAD_TYPES = ("net-echo", "net-ping", "net-stream", "net-sink", "net-responder")
+
+WorkloadSpec = Annotated[BlkVerifySpec | BlkBenchSpec | NetEchoSpec | NetPingSpec
+                         | NetStreamSpec | NetSinkSpec | NetResponderSpec,
+                         Field(discriminator="type")]
 
 
 class VMSpec(Strict):
@@ -192,6 +304,9 @@ class VMSpec(Strict):
             if w.type.startswith("blk") and dev.type != "blk":
                 raise ValueError(f"workloads.{wname}.device: {w.device!r} is a {dev.type} "
                                  f"device; {w.type} needs a blk device")
+            if w.type.startswith("net") and dev.type != "net":
+                raise ValueError(f"workloads.{wname}.device: {w.device!r} is a {dev.type} "
+                                 f"device; {w.type} needs a net device")
             writes = w.type == "blk-verify" or (w.type == "blk-bench" and w.op != "read")
             if writes and getattr(dev, "readonly", False):
                 raise ValueError(f"workloads.{wname}.device: {w.device!r} is read-only and "
@@ -206,11 +321,17 @@ class HostSpec(Strict):
                          description="the host keeps polling rings this long after work")
 
 
+class SwitchSpec(Strict):
+    """A learning Ethernet switch in the host (no settings yet)."""
+
+
 class Topology(Strict):
     name: str | None = None
     description: str | None = None
     duration: float | None = Field(None, gt=0)
     host: HostSpec = Field(default_factory=HostSpec)
+    switches: dict[Annotated[str, Field(pattern=NAME_RE)], SwitchSpec] = \
+        Field(default_factory=dict)
     vms: dict[Annotated[str, Field(pattern=NAME_RE)], VMSpec]
 
     @field_validator("vms")
@@ -219,6 +340,27 @@ class Topology(Strict):
         if not v:
             raise ValueError("expected at least one VM")
         return v
+
+    @model_validator(mode="after")
+    def _wiring(self) -> "Topology":
+        """Switches named by devices exist; a peer names a net device of some VM."""
+        for vname, vm in self.vms.items():
+            for dname, dev in vm.devices.items():
+                sw = getattr(getattr(dev, "backend", None), "switch", None)
+                if dev.type == "net" and sw is not None and sw not in self.switches:
+                    raise ValueError(f"vms.{vname}.devices.{dname}.backend.switch: no switch "
+                                     f"{sw!r} (switches: {', '.join(self.switches) or 'none'})")
+            for wname, w in vm.workloads.items():
+                peer = getattr(w, "peer", None)
+                if peer is None:
+                    continue
+                pvm, _, pdev = peer.partition(".")
+                target = self.vms.get(pvm, None)
+                if target is None or target.devices.get(pdev) is None \
+                        or target.devices[pdev].type != "net":
+                    raise ValueError(f"vms.{vname}.workloads.{wname}.peer: expected VM.DEVICE "
+                                     f"of a net device, got {peer!r}")
+        return self
 
     @model_validator(mode="after")
     def _features(self) -> "Topology":

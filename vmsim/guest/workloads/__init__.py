@@ -77,6 +77,9 @@ class Workload:
             self.stats[W.RUNNING] = 0
         self.finished_event.set()
 
+    def tick(self, now_ns: int) -> None:
+        """Run a few times a second on the guest's main thread (timeouts, periodic work)."""
+
     def fail(self, msg: str) -> None:
         """The workload cannot run: one error, and it is finished."""
         self.error(msg)

@@ -118,6 +118,11 @@ class VirtioDevice:
         """Process what is available on one queue; return the number of chains handled."""
         raise NotImplementedError
 
+    def wants_service(self, q: QueueState) -> bool:
+        """Whether buffers available on `q` are work for the device now (a receive queue's
+        posted buffers are not, until there is something to receive)."""
+        return True
+
     def on_driver_ok(self) -> None:
         """The driver set DRIVER_OK: the device is live."""
 

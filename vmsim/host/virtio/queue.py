@@ -10,6 +10,7 @@ and Linux's vringh pair them).
     disable_notify        the device is polling: no kicks needed
     has_work              something is available
     check_notification    a kick's VIRTIO_F_NOTIFICATION_DATA against the ring
+    mark / rewind         give back chains popped but not used
 """
 
 from vmsim.host.virtio.chain import DescChain
@@ -79,6 +80,16 @@ class DeviceQueue:
     def check_notification(self, data: int) -> bool:
         """Whether the position a notification carries (NOTIFICATION_DATA) is consistent with
         the ring: the driver may have made more available since, never less."""
+        raise NotImplementedError
+
+    def mark(self) -> tuple:
+        """Where the device is in the available ring (for rewind)."""
+        raise NotImplementedError
+
+    def rewind(self, mark: tuple, chains: list[DescChain]) -> None:
+        """Give back `chains`, popped since `mark` and not used: they become available again,
+        as if never taken (QEMU's virtqueue_unpop; a device that took buffers for a frame
+        they turn out too small for)."""
         raise NotImplementedError
 
     # ---- state -----------------------------------------------------------------------------------

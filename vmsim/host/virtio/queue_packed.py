@@ -380,6 +380,16 @@ class PackedQueue(DeviceQueue):
         full_barrier()
         return self.has_work()
 
+    def mark(self) -> tuple:
+        return (self.last_avail_idx, self.avail_wrap_counter, self.inflight, self.n_popped,
+                self.n_bytes_read)
+
+    def rewind(self, mark: tuple, chains: list[DescChain]) -> None:
+        (self.last_avail_idx, self.avail_wrap_counter, self.inflight, self.n_popped,
+         self.n_bytes_read) = mark
+        for chain in chains:
+            self.in_flight_ids[chain.head] = 0
+
     def check_notification(self, data: int) -> bool:
         """next_off / next_wrap of a notification must not be ahead of the ring. Positions are
         compared modulo two laps (the wrap counter is the lap's parity): up to one lap ahead

@@ -322,6 +322,12 @@ class SplitQueue(DeviceQueue):
         self.last_used_idx = (used + len(pending)) & R.IDX_MASK
         pending.clear()
 
+    def mark(self) -> tuple:
+        return (self.last_avail_idx, self.inflight, self.n_popped, self.n_bytes_read)
+
+    def rewind(self, mark: tuple, chains: list[DescChain]) -> None:
+        self.last_avail_idx, self.inflight, self.n_popped, self.n_bytes_read = mark
+
     def check_notification(self, data: int) -> bool:
         """The avail index a notification carries may be behind the ring's (the driver added
         more since), never ahead of it."""

@@ -1,0 +1,306 @@
+"""virtio-net, device side (QEMU hw/net/virtio-net.c, Firecracker devices/virtio/net).
+
+Queues: receiveq/transmitq pairs, then the control queue. Transmitted frames go to the
+device's backend (a host switch port or a TAP interface); frames from the backend are
+filtered (promiscuous, all-multicast, the MAC and the MAC table), steered to a queue pair by
+flow, and written into the receive buffers the driver posted (several of them with
+VIRTIO_NET_F_MRG_RXBUF, num_buffers in the first header). A frame that finds no buffer waits
+in a short backlog until the driver posts some.
+"""
+
+from collections import deque
+from typing import Any
+
+from vmsim.abi import features as F
+from vmsim.abi import ids
+from vmsim.abi import net as N
+from vmsim.host.devices.net.backend import Meta, NetBackend
+from vmsim.host.devices.net.config import build_config
+from vmsim.host.devices.net.metrics import NetMetrics
+from vmsim.host.devices.net.request import (
+    BadCommand,
+    complete_checksum,
+    parse_mac_table,
+    read_tx,
+    rx_header,
+)
+from vmsim.host.memory import GuestMemory
+from vmsim.host.virtio.device import QueueState, VirtioDevice
+from vmsim.host.virtio.errors import Reason, RingError
+from vmsim.host.virtio.queue import DeviceQueue
+
+RING_FEATURES = (F.bit(F.VIRTIO_F_VERSION_1) | F.bit(F.VIRTIO_RING_F_INDIRECT_DESC)
+                 | F.bit(F.VIRTIO_RING_F_EVENT_IDX) | F.bit(F.VIRTIO_F_RING_RESET))
+NET_FEATURES = (F.bit(N.VIRTIO_NET_F_MAC) | F.bit(N.VIRTIO_NET_F_STATUS)
+                | F.bit(N.VIRTIO_NET_F_MRG_RXBUF) | F.bit(N.VIRTIO_NET_F_CTRL_VQ)
+                | F.bit(N.VIRTIO_NET_F_CTRL_RX) | F.bit(N.VIRTIO_NET_F_CTRL_MAC_ADDR)
+                | F.bit(N.VIRTIO_NET_F_CSUM) | F.bit(N.VIRTIO_NET_F_GUEST_CSUM))
+BACKLOG = 256
+
+
+class NetDevice(VirtioDevice):
+    device_id = ids.VIRTIO_ID_NET
+    feature_names = N.FEATURE_NAMES
+
+    def __init__(self, name: str, mem: GuestMemory, backend: NetBackend, *, mac: bytes,
+                 max_pairs: int, queue_size: int, mtu: int, offer: int, withhold: int,
+                 packed: bool, dev_stats: memoryview | None,
+                 queue_stats: list[memoryview | None], refuse_features_ok: bool = False,
+                 link_up: bool = True) -> None:
+        features = RING_FEATURES | NET_FEATURES
+        if max_pairs > 1:
+            features |= F.bit(N.VIRTIO_NET_F_MQ)
+        if mtu != N.ETH_DATA_LEN:
+            features |= F.bit(N.VIRTIO_NET_F_MTU)
+        if packed:
+            features |= F.bit(F.VIRTIO_F_RING_PACKED)
+        features = (features | offer) & ~withhold
+        super().__init__(name, mem, 2 * max_pairs + 1, queue_size, features, dev_stats,
+                         queue_stats, refuse_features_ok)
+        self.backend = backend
+        self.configured_mac = mac
+        self.max_pairs = max_pairs
+        self.ctrl_index = N.ctrl_queue(max_pairs)
+        self.mtu = mtu
+        self.link_up = link_up
+        self.metrics = NetMetrics()
+        self.backlog: list[deque[tuple[bytes, Meta]]] = [deque() for _ in range(max_pairs)]
+        self._reset_filters()
+        backend.attach(self.receive)
+
+    def _reset_filters(self) -> None:
+        self.mac = self.configured_mac
+        self.promisc = True          # as QEMU: until the driver sets an RX mode
+        self.allmulti = False
+        self.uni_table: list[bytes] = []
+        self.multi_table: list[bytes] = []
+        self.curr_pairs = 1
+        for b in self.backlog:
+            b.clear()
+
+    def config_space(self) -> bytearray:
+        return build_config(self.mac, self.link_up, self.max_pairs, self.mtu)
+
+    def on_reset(self) -> None:
+        self._reset_filters()
+
+    # ---- host-side changes -----------------------------------------------------------------------
+    def set_link(self, up: bool) -> None:
+        """Link up or down: the status in config space changes and the driver hears of it by
+        a config-change interrupt."""
+        if up != self.link_up:
+            self.link_up = up
+            self.config_changed()
+
+    # ---- queues ----------------------------------------------------------------------------------
+    def wants_service(self, q: QueueState) -> bool:
+        """Receive queues need the device only when frames wait for buffers; their posted
+        buffers alone are no work."""
+        i = q.index
+        if i < self.ctrl_index and i % 2 == 0:
+            return bool(self.backlog[i // 2])
+        return True
+
+    def handle_queue(self, q: QueueState, ring: DeviceQueue) -> int:
+        i = q.index
+        if i == self.ctrl_index:
+            return self._control(ring)
+        if i % 2:
+            return self._transmit(ring)
+        return self._deliver(q, ring)
+
+    def _transmit(self, ring: DeviceQueue) -> int:
+        n = 0
+        m = self.metrics
+        csum_ok = self.negotiated(N.VIRTIO_NET_F_CSUM)
+        while chains := ring.pop_batch(64):
+            for chain in chains:
+                try:
+                    (flags, _gso, _hl, _gs, cstart, coff, _nb), frame = read_tx(chain)
+                except ValueError as e:
+                    raise RingError(Reason.MALFORMED_REQUEST, str(e)) from None
+                meta = None
+                if flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM:
+                    if not csum_ok:
+                        self.guest_error("NEEDS_CSUM without VIRTIO_NET_F_CSUM")
+                    meta = (flags, cstart, coff)
+                if not self.link_up:
+                    m.tx_dropped_link += 1
+                elif len(frame) < N.ETH_HLEN:
+                    m.tx_errors += 1
+                else:
+                    m.tx_frames += 1
+                    m.tx_bytes += len(frame)
+                    self.backend.send(frame, meta)
+            ring.fill_batch(chains, [0] * len(chains))
+            n += len(chains)
+        return n
+
+    # ---- receive ---------------------------------------------------------------------------------
+    def receive(self, frame: bytes, meta: Meta) -> None:
+        """A frame from the backend: filter, steer, and put it into guest buffers (or the
+        backlog until the driver posts some)."""
+        m = self.metrics
+        if not self.link_up:
+            m.rx_dropped_link += 1
+            return
+        if not self._accept(frame):
+            m.rx_dropped_filter += 1
+            return
+        pair = self._steer(frame) if self.curr_pairs > 1 else 0
+        backlog = self.backlog[pair]
+        if len(backlog) >= BACKLOG:
+            m.rx_dropped_no_buffer += 1
+            return
+        backlog.append((frame, meta))
+        q = self.queues[N.rx_queue(pair)]
+        ring = q.ring
+        if ring is None or q.broken or self.broken:
+            return                                 # kept until the queue is set up
+        try:
+            n = self._deliver(q, ring)
+        except RingError as e:
+            self.virtio_error(f"queue {q.index}: {e}", q)
+            return
+        if n and ring.need_notify() and self.transport is not None:
+            self.transport.signal_used(q.index)
+
+    def _accept(self, frame: bytes) -> bool:
+        if len(frame) < N.ETH_HLEN:
+            return False
+        if self.promisc:
+            return True
+        dst = frame[0:6]
+        if dst == N.BROADCAST or dst == self.mac:
+            return True
+        if N.is_multicast(dst):
+            return self.allmulti or dst in self.multi_table
+        return dst in self.uni_table
+
+    def _steer(self, frame: bytes) -> int:
+        """A queue pair per flow: the addresses and, for IPv4 TCP/UDP, the ports."""
+        key = frame[0:14]
+        if frame[12:14] == b"\x08\x00" and len(frame) >= 38:
+            ihl = (frame[14] & 0xF) * 4
+            key += frame[26:34] + frame[14 + ihl:14 + ihl + 4]
+        return hash(key) % self.curr_pairs
+
+    def _deliver(self, q: QueueState, ring: DeviceQueue) -> int:
+        """Move waiting frames into posted buffers; returns the buffers used."""
+        backlog = self.backlog[q.index // 2]
+        mergeable = self.negotiated(N.VIRTIO_NET_F_MRG_RXBUF)
+        guest_csum = self.negotiated(N.VIRTIO_NET_F_GUEST_CSUM)
+        m = self.metrics
+        used = 0
+        while backlog:
+            frame, meta = backlog[0]
+            if meta is not None and not guest_csum:
+                # The driver cannot take a partial checksum: complete it here.
+                try:
+                    frame = complete_checksum(frame, meta[1], meta[2])
+                    m.csum_completed += 1
+                except ValueError:
+                    m.rx_dropped_filter += 1
+                    backlog.popleft()
+                    continue
+                meta = None
+            need = N.HDR_SIZE + len(frame)
+            mark = ring.mark()
+            chains = []
+            room = 0
+            while room < need:
+                got = ring.pop_batch(1)
+                if not got:
+                    break
+                chains.append(got[0])
+                room += got[0].wlen
+                if not mergeable:
+                    break
+            if room < need:
+                ring.rewind(mark)
+                if chains and not mergeable:
+                    # One buffer is all a frame may take without MRG_RXBUF.
+                    m.rx_dropped_too_big += 1
+                    backlog.popleft()
+                    continue
+                break                              # wait for more buffers
+            backlog.popleft()
+            data = rx_header(meta, guest_csum, len(chains)) + frame
+            done = 0
+            written = []
+            for chain in chains:
+                n = chain.write_at(0, data[done:done + chain.wlen])
+                written.append(n)
+                done += n
+            ring.fill_batch(chains, written)
+            used += len(chains)
+            m.rx_frames += 1
+            m.rx_bytes += len(frame)
+            if len(chains) > 1:
+                m.rx_merged_buffers += len(chains)
+        return used
+
+    # ---- control queue ---------------------------------------------------------------------------
+    def _control(self, ring: DeviceQueue) -> int:
+        n = 0
+        m = self.metrics
+        while chains := ring.pop_batch(16):
+            for chain in chains:
+                if chain.wlen < 1 or chain.rlen < 2:
+                    raise RingError(Reason.MALFORMED_REQUEST,
+                                    f"control command of {chain.rlen} + {chain.wlen} bytes")
+                data = chain.read_bytes(0, chain.rlen)
+                m.ctrl_commands += 1
+                try:
+                    self._command(data[0], data[1], data[2:])
+                    ack = N.VIRTIO_NET_OK
+                except BadCommand as e:
+                    m.ctrl_errors += 1
+                    self.guest_error(f"control command {data[0]}/{data[1]}: {e}")
+                    ack = N.VIRTIO_NET_ERR
+                chain.write_at(chain.wlen - 1, bytes([ack]))
+                ring.fill(chain, 1)
+            ring.flush()
+            n += len(chains)
+        return n
+
+    def _command(self, cls: int, cmd: int, data: bytes) -> None:
+        if cls == N.VIRTIO_NET_CTRL_RX and self.negotiated(N.VIRTIO_NET_F_CTRL_RX):
+            if len(data) != 1:
+                raise BadCommand(f"RX mode takes 1 byte, got {len(data)}")
+            if cmd == N.VIRTIO_NET_CTRL_RX_PROMISC:
+                self.promisc = bool(data[0])
+            elif cmd == N.VIRTIO_NET_CTRL_RX_ALLMULTI:
+                self.allmulti = bool(data[0])
+            else:
+                raise BadCommand(f"unknown RX command {cmd}")
+        elif cls == N.VIRTIO_NET_CTRL_MAC and cmd == N.VIRTIO_NET_CTRL_MAC_TABLE_SET \
+                and self.negotiated(N.VIRTIO_NET_F_CTRL_RX):
+            self.uni_table, self.multi_table = parse_mac_table(data)
+        elif cls == N.VIRTIO_NET_CTRL_MAC and cmd == N.VIRTIO_NET_CTRL_MAC_ADDR_SET \
+                and self.negotiated(N.VIRTIO_NET_F_CTRL_MAC_ADDR):
+            if len(data) != 6:
+                raise BadCommand(f"MAC address of {len(data)} bytes")
+            self.mac = bytes(data)
+        elif cls == N.VIRTIO_NET_CTRL_MQ and cmd == N.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET \
+                and self.negotiated(N.VIRTIO_NET_F_MQ):
+            if len(data) != 2:
+                raise BadCommand(f"VQ_PAIRS_SET takes 2 bytes, got {len(data)}")
+            pairs = int.from_bytes(data, "little")
+            if not 1 <= pairs <= self.max_pairs:
+                raise BadCommand(f"{pairs} queue pairs, the device has 1 to {self.max_pairs}")
+            self.curr_pairs = pairs
+        else:
+            raise BadCommand("unsupported or not negotiated")
+
+    def describe(self) -> dict[str, Any]:
+        return {"mac": N.format_mac(self.mac), "link_up": self.link_up,
+                "promisc": self.promisc, "allmulti": self.allmulti,
+                "mac_table": [N.format_mac(x) for x in self.uni_table + self.multi_table],
+                "queue_pairs": self.curr_pairs, "max_queue_pairs": self.max_pairs,
+                "mtu": self.mtu, "backend": self.backend.description,
+                "backend_info": self.backend.describe(), "frames": self.metrics.as_dict()}
+
+    def close(self) -> None:
+        super().close()
+        self.backend.close()

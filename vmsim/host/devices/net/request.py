@@ -1,0 +1,65 @@
+"""What one virtio-net chain carries, on each queue: a frame to transmit (header + frame), a
+receive buffer to fill, a control command (class, command, data, ack byte). The functions
+here parse and fill chains; the device decides what happens to the frames."""
+
+import struct
+
+from vmsim.abi import net as N
+from vmsim.host.virtio.chain import DescChain
+
+
+class BadCommand(Exception):
+    """A control command the device answers with VIRTIO_NET_ERR."""
+
+
+def read_tx(chain: DescChain) -> tuple[tuple[int, int, int, int, int, int, int], bytes]:
+    """The virtio-net header and the frame of a transmit chain (the driver may split them
+    over descriptors any way it likes)."""
+    data = chain.read_bytes(0, chain.rlen)
+    if len(data) < N.HDR_SIZE:
+        raise ValueError(f"a transmit buffer of {len(data)} bytes has no room for the "
+                         f"{N.HDR_SIZE}-byte header")
+    return N.HDR.unpack_from(data), data[N.HDR_SIZE:]
+
+
+def complete_checksum(frame: bytes, start: int, offset: int) -> bytes:
+    """Finish a partial checksum (VIRTIO_NET_HDR_F_NEEDS_CSUM): the driver put the
+    pseudo-header sum at start+offset; fold the rest of the packet into it."""
+    if start + offset + 2 > len(frame) or start >= len(frame):
+        raise ValueError(f"csum_start {start} + csum_offset {offset} is past the "
+                         f"{len(frame)}-byte frame")
+    buf = bytearray(frame)
+    partial = struct.unpack_from("!H", buf, start + offset)[0]
+    buf[start + offset:start + offset + 2] = b"\0\0"
+    csum = N.internet_checksum(bytes(buf[start:]), partial)
+    struct.pack_into("!H", buf, start + offset, csum if csum else 0xFFFF)
+    return bytes(buf)
+
+
+def rx_header(meta: tuple[int, int, int] | None, guest_csum: bool,
+              num_buffers: int) -> bytes:
+    """The header a received frame carries: a partial checksum is passed on when the driver
+    accepts it (VIRTIO_NET_F_GUEST_CSUM)."""
+    if meta is not None and guest_csum:
+        return N.HDR.pack(N.VIRTIO_NET_HDR_F_NEEDS_CSUM, N.VIRTIO_NET_HDR_GSO_NONE, 0, 0,
+                          meta[1], meta[2], num_buffers)
+    return N.HDR.pack(0, N.VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, num_buffers)
+
+
+def parse_mac_table(data: bytes) -> tuple[list[bytes], list[bytes]]:
+    """VIRTIO_NET_CTRL_MAC_TABLE_SET: two struct virtio_net_ctrl_mac {le32 entries;
+    u8 macs[entries][6];}, unicast then multicast."""
+    tables: list[list[bytes]] = []
+    off = 0
+    for _ in range(2):
+        if off + 4 > len(data):
+            raise BadCommand("MAC table shorter than its entry count")
+        (n,) = struct.unpack_from("<I", data, off)
+        off += 4
+        if n > 1024 or off + 6 * n > len(data):
+            raise BadCommand(f"MAC table of {n} entries does not fit the command")
+        tables.append([bytes(data[off + 6 * i:off + 6 * i + 6]) for i in range(n)])
+        off += 6 * n
+    if off != len(data):
+        raise BadCommand(f"{len(data) - off} bytes after the MAC tables")
+    return tables[0], tables[1]
