@@ -19,6 +19,7 @@ from vmsim.abi import status as S
 from vmsim.host.devices.blk.backend import MemoryBackend
 from vmsim.host.devices.blk.device import BlkDevice
 from vmsim.host.memory import GuestMemory
+from vmsim.host.virtio.chain import indirect_table_max
 from vmsim.host.virtio.errors import Reason, RingError
 from vmsim.host.virtio.queue_split import SplitQueue
 
@@ -834,3 +835,10 @@ def test_bad_ring_layout_at_queue_enable_is_a_device_error(field, value, reason)
             mm.close()
         except BufferError:
             pass
+
+
+def test_indirect_table_longer_than_the_limit(ring):
+    n = indirect_table_max(NUM) + 1
+    ring.desc(0, TABLE, 16 * n, INDIRECT)       # inside RAM; refused before it is read
+    ring.publish(0)
+    expect(ring, Reason.CHAIN_TOO_LONG)

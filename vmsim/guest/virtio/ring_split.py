@@ -375,7 +375,9 @@ class SplitVirtqueue(Virtqueue):
                 self.avail_h[R.AVAIL_H_FLAGS] = self.avail_flags_shadow
         self.avail_h[self.used_event_at] = (self.last_used_idx + bufs) & R.IDX_MASK
         full_barrier()
-        return ((self.used_h[R.USED_H_IDX] - self.last_used_idx) & R.IDX_MASK) <= bufs
+        # Buffers of an in-order batch are used and not yet returned: they count as pending.
+        pending = ((self.used_h[R.USED_H_IDX] - self.last_used_idx) & R.IDX_MASK) + len(self._batch)
+        return pending <= bufs
 
     def _event_triggered(self) -> None:
         if self.event:

@@ -8,6 +8,18 @@ does not pay for views it does not use. Readable segments come first, then writa
 
 from vmsim.host.memory import GuestMemory
 
+# "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes in total."
+MAX_CHAIN_BYTES = 1 << 32
+# Entries an indirect table may hold, if the queue is smaller. The spec bounds a chain by the
+# queue size, but Linux builds one table for any number of segments when INDIRECT_DESC is
+# negotiated, and QEMU accepts up to 1024 of them (VIRTQUEUE_MAX_SIZE); so do we.
+INDIRECT_TABLE_MAX = 1024
+
+
+def indirect_table_max(num: int) -> int:
+    """The most entries an indirect table may hold on a queue of `num`."""
+    return max(num, INDIRECT_TABLE_MAX)
+
 
 class DescChain:
     """One available buffer."""

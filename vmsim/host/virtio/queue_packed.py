@@ -22,7 +22,7 @@ import struct
 
 from vmsim.abi import packed_ring as P
 from vmsim.host.memory import GuestMemory, GuestMemoryError
-from vmsim.host.virtio.chain import DescChain
+from vmsim.host.virtio.chain import MAX_CHAIN_BYTES, DescChain, indirect_table_max
 from vmsim.host.virtio.errors import Reason, RingError
 from vmsim.host.virtio.queue import DeviceQueue
 from vmsim.machine.barrier import full_barrier
@@ -36,7 +36,6 @@ WRAP_SHIFT = P.VRING_PACKED_EVENT_F_WRAP_CTR
 ENABLE = P.VRING_PACKED_EVENT_FLAG_ENABLE
 DISABLE = P.VRING_PACKED_EVENT_FLAG_DISABLE
 DESC_EVENT = P.VRING_PACKED_EVENT_FLAG_DESC
-MAX_CHAIN_BYTES = 1 << 32
 UNPACK_DESC = P.DESC.unpack_from
 UNPACK_DESC3 = struct.Struct("<" + "QIHH" * 3).unpack_from
 PACK_USED = struct.Struct("<IH").pack_into      # len, id (then the flags, alone)
@@ -77,7 +76,8 @@ class PackedQueue(DeviceQueue):
         self.avail_wrap_counter = 1
         self.used_idx = 0                # next position the device writes a used descriptor
         self.used_wrap_counter = 1
-        self.signalled_used = 0
+        self.used_laps = 0               # completed laps of the used position
+        self.signalled_used = 0          # free-running (laps * num + position) at the last decision
         self.signalled_used_valid = False
         self.notify_flags = ENABLE       # shadow of the device event flags
         self.in_flight_ids = bytearray(num)   # 1 while a buffer id is with the device
@@ -172,6 +172,8 @@ class PackedQueue(DeviceQueue):
                                                and 0 < l2 <= size - o2)
                 or bid >= self.num or self.in_flight_ids[bid]):
             return None
+        if l0 + l1 + l2 > MAX_CHAIN_BYTES:
+            return None
         w = (f0 & WRITE) | (f1 & WRITE) << 1 | (f2 & WRITE) << 2
         chain = self._chains[bid]
         if w == 12:                # read, write, write: a block read
@@ -256,7 +258,7 @@ class PackedQueue(DeviceQueue):
         """Read an indirect table: its entries in order (only WRITE is meaningful in them)."""
         if ln == 0 or ln % P.DESC_SIZE:
             raise RingError(Reason.INDIRECT_BAD_LENGTH, f"length {ln} at descriptor {i}")
-        if ln // P.DESC_SIZE > self.num:
+        if ln // P.DESC_SIZE > indirect_table_max(self.num):
             raise RingError(Reason.CHAIN_TOO_LONG, f"indirect table of {ln // P.DESC_SIZE}")
         base = self.mem_base
         size = self.mem_size
@@ -315,6 +317,7 @@ class PackedQueue(DeviceQueue):
         if pos >= self.num:
             pos -= self.num
             self.used_wrap_counter ^= 1
+            self.used_laps += 1
         self.used_idx = pos
 
     def flush(self) -> None:
@@ -339,21 +342,31 @@ class PackedQueue(DeviceQueue):
         full_barrier()
         snap = self.drv_ev[0]
         flags = snap >> 16 & 0x3
+        # Positions run free (laps * num + offset) so that the window of what was used since
+        # the last decision is exact even across laps: a 16-bit window mod num cannot tell
+        # "nothing new" from "a whole lap", nor a lap and a half from half a lap.
+        num = self.num
+        laps = self.used_laps
+        new = laps * num + self.used_idx
         old = self.signalled_used
-        new = self.signalled_used = self.used_idx
+        self.signalled_used = new
         valid = self.signalled_used_valid
         self.signalled_used_valid = True
         if flags == DISABLE:
             needs = False
-        elif flags == ENABLE or not self.event_idx:
+        elif flags == ENABLE or not self.event_idx or not valid:
             needs = True
         else:
-            event = P.event_idx(snap & 0xFFFF, self.used_wrap_counter, self.num)
-            if new <= old:
-                # The used position wrapped since the last decision: count `old` a lap back,
-                # so the window (old, new] is what was used (DPDK's vhost_need_event_packed).
-                old -= self.num
-            needs = not valid or ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+            off_wrap = snap & 0xFFFF
+            # The event names a descriptor by offset and lap parity: its latest occurrence
+            # before the used position is in this lap or the one before (QEMU's
+            # vring_packed_need_event), or two laps back if it is still ahead in this one.
+            if off_wrap >> WRAP_SHIFT != self.used_wrap_counter:
+                laps -= 1
+            event = laps * num + (off_wrap & ~(1 << WRAP_SHIFT))
+            if event >= new:
+                event -= 2 * num
+            needs = event >= old
         if needs:
             self.n_interrupts += 1
         else:

@@ -15,7 +15,7 @@ import struct
 
 from vmsim.abi import split_ring as R
 from vmsim.host.memory import GuestMemory, GuestMemoryError
-from vmsim.host.virtio.chain import DescChain
+from vmsim.host.virtio.chain import MAX_CHAIN_BYTES, DescChain, indirect_table_max
 from vmsim.host.virtio.errors import Reason, RingError
 from vmsim.host.virtio.queue import DeviceQueue
 from vmsim.machine.barrier import full_barrier
@@ -24,7 +24,6 @@ NEXT = R.VRING_DESC_F_NEXT
 WRITE = R.VRING_DESC_F_WRITE
 INDIRECT = R.VRING_DESC_F_INDIRECT
 U32 = 0xFFFFFFFF
-MAX_CHAIN_BYTES = 1 << 32   # "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes"
 UNPACK_DESC = R.DESC.unpack_from
 UNPACK_DESC3 = struct.Struct("<" + "QIHH" * 3).unpack_from
 
@@ -276,6 +275,8 @@ class SplitQueue(DeviceQueue):
         if off < 0 or off + ln > self.mem_size:
             raise RingError(Reason.INDIRECT_OUT_OF_RANGE,
                             f"table 0x{addr:x}+0x{ln:x} is outside guest RAM")
+        if ln // R.DESC_SIZE > indirect_table_max(self.num):
+            raise RingError(Reason.CHAIN_TOO_LONG, f"indirect table of {ln // R.DESC_SIZE}")
         # The table stays in guest RAM: entries are read where they are.
         return self.ram, off, ln // R.DESC_SIZE
 
