@@ -123,6 +123,7 @@ class TestHost:
     def _run(self) -> None:
         ep = select.epoll()
         kicks = {}
+        devs = {}
         try:
             ep.register(self.host_ch.fileno(), select.EPOLLIN)
             ep.register(self._wake.fileno(), select.EPOLLIN)
@@ -130,6 +131,7 @@ class TestHost:
                 for q in t.dev.queues:
                     ep.register(q.kick.fileno(), select.EPOLLIN)
                     kicks[q.kick.fileno()] = q
+                    devs[q.kick.fileno()] = t.dev
             while not self._stop:
                 for fd, _ in ep.poll(0.01):
                     if fd == self.host_ch.fileno():
@@ -143,6 +145,7 @@ class TestHost:
                         q.kick.consume()
                         if q.ring is not None:
                             q.ring.n_notifies += 1
+                            devs[fd].kicked(q)
                 if self.serve_queues:
                     self._serve()
         except BaseException as e:
@@ -175,7 +178,10 @@ class TestHost:
                 if addr - base == M.STATUS and width == 4:
                     self.status_writes[base].append(msg[3])
                 t.write(addr - base, width, msg[3])
-                t.pending_kicks.clear()              # served below by polling the rings
+                for qi in t.pending_kicks:           # served below by polling the rings
+                    if qi < len(t.dev.queues):
+                        t.dev.kicked(t.dev.queues[qi])
+                t.pending_kicks.clear()
         self.host_ch.send(reply)
 
     def _serve(self) -> None:
@@ -183,9 +189,13 @@ class TestHost:
             dev = t.dev
             for q in dev.live_queues():
                 ring = q.ring
-                while ring.has_work() and not q.broken and not dev.broken:
+                # (posted receive buffers alone are no work: wants_service)
+                while (dev.wants_service(q) and ring.has_work() and not q.broken
+                       and not dev.broken):
                     ring.disable_notify()
                     dev.service(q)
+                    if not dev.wants_service(q):
+                        break           # e.g. a receive queue waiting for buffers: its kick
                     # Ask for kicks again; keep going if buffers slipped in meanwhile.
                     if not ring.enable_notify():
                         break
@@ -193,18 +203,22 @@ class TestHost:
 
 # ---- one machine: guest RAM, a device on its transport, the guest's view -------------------------
 class Machine:
-    def __init__(self, dev_kw: dict | None = None, extra=None) -> None:
+    def __init__(self, dev_kw: dict | None = None, extra=None, make_dev=None) -> None:
+        """A blk device (dev_kw: BlkDevice arguments to change), or make_dev(guest memory)."""
         self.mm = mmap.mmap(-1, RAM_SIZE)
         self.hmem = GuestMemory(self.mm, RAM_BASE)
         self.ram = GuestRAM(self.mm, RAM_BASE)
         self.dma = DmaMemory(self.ram)
-        kw = dict(name="vda", mem=self.hmem, backend=MemoryBackend(DISK_SIZE),
-                  readonly=False, num_queues=1, queue_size=16, offer=0, withhold=0,
-                  blk_size=512, serial=SERIAL, dev_stats=None, queue_stats=[None],
-                  refuse_features_ok=False)
-        kw.update(dev_kw or {})
-        kw["queue_stats"] = [None] * kw["num_queues"]
-        self.dev = BlkDevice(**kw)
+        if make_dev is not None:
+            self.dev = make_dev(self.hmem)
+        else:
+            kw = dict(name="vda", mem=self.hmem, backend=MemoryBackend(DISK_SIZE),
+                      readonly=False, num_queues=1, queue_size=16, offer=0, withhold=0,
+                      blk_size=512, serial=SERIAL, dev_stats=None, queue_stats=[None],
+                      refuse_features_ok=False)
+            kw.update(dev_kw or {})
+            kw["queue_stats"] = [None] * kw["num_queues"]
+            self.dev = BlkDevice(**kw)
         self.t = MmioTransport(self.dev, MMIO_BASE, IRQ)
         # more register windows (extra(mem) -> transports), decoded by the same host
         self.transports = [self.t, *(extra(self.hmem) if extra else [])]

@@ -201,7 +201,7 @@ def test_reset_or_resize_with_requests_in_flight_loses_no_token(machine, packed,
         during.append(host_queue(m)[:2])
         io.recycle(vq, req)
 
-    with io.q.lock:
+    with m.irqc.disabled():
         assert host_serve(m, 4) == 4               # used, but the driver cannot collect them
         if op == "reset":
             assert virtqueue_reset(io.vq, recycle) == 0
@@ -282,7 +282,7 @@ def test_resizes_and_resets_under_continuous_io(machine, packed, offer):
         for _ in range(3):
             time.sleep(0.002)
             top_up()
-        with io.q.lock:
+        with m.irqc.disabled():                    # no completion runs meanwhile
             if i % 3 == 2:
                 assert virtqueue_reset(io.vq, io.recycle) == 0
             else:
@@ -317,25 +317,25 @@ def test_resize_size_rules(machine, packed):
     vq = io.vq
     assert vq.num == vq.num_max == 64
     _, ring0, _ = host_queue(m)
-    with io.q.lock:
+    with m.irqc.disabled():
         assert virtqueue_resize(vq, 65, io.recycle) == -errno.E2BIG
         assert virtqueue_resize(vq, 1 << 20, io.recycle) == -errno.E2BIG
         assert virtqueue_resize(vq, 0, io.recycle) == -errno.EINVAL
         assert virtqueue_resize(vq, -4, io.recycle) == -errno.EINVAL
         assert virtqueue_resize(vq, 64, io.recycle) == 0
     assert host_queue(m)[1] is ring0 and vq.num == 64 and not vq.reset
-    with io.q.lock:
+    with m.irqc.disabled():
         assert virtqueue_resize(vq, 24, io.recycle) == 0
     want = 24 if packed else 16
     ready, ring, num = host_queue(m)
     assert ready and ring is not ring0
     assert vq.num == num == ring.num == want and vq.num_free == want
     # rounding down to the current size is a no-op for a split ring
-    with io.q.lock:
+    with m.irqc.disabled():
         assert virtqueue_resize(vq, 31 if not packed else 24, io.recycle) == 0
     assert host_queue(m)[1] is ring
     check_io_works(io, 0, min(want, io.blk.queue_depth))
-    with io.q.lock:
+    with m.irqc.disabled():
         assert virtqueue_resize(vq, 64, io.recycle) == 0
     assert vq.num == host_queue(m)[2] == 64
     check_io_works(io, 200, io.blk.queue_depth)
@@ -349,7 +349,7 @@ def test_resize_to_one_entry(machine, packed):
     time, still correct."""
     m = boot(machine, packed=packed, queue_size=16)
     io = Io(m, 4)
-    with io.q.lock:
+    with m.irqc.disabled():
         assert virtqueue_resize(io.vq, 1, io.recycle) == 0
     assert io.vq.num == host_queue(m)[2] == 1
     for k in range(20):
@@ -429,7 +429,7 @@ def test_queue_reset_without_ring_reset_is_ignored(machine, packed):
     assert rd(m, M.QUEUE_READY) == 1
     assert host_queue(m)[:2] == (True, ring0)
     n_err = len(m.dev.guest_errors)
-    with io.q.lock:
+    with m.irqc.disabled():
         assert virtqueue_reset(io.vq, io.recycle) == -errno.ENOENT
         assert virtqueue_resize(io.vq, 8, io.recycle) == -errno.ENOENT
     assert len(m.dev.guest_errors) == n_err
@@ -448,14 +448,14 @@ def test_queue_reset_registers(machine, packed):
     m = boot(machine, packed=packed, queue_size=16)
     io = Io(m, 8)
     vq = io.vq
-    with io.q.lock:
+    with m.irqc.disabled():
         assert virtqueue_resize(vq, 8, io.recycle) == 0
     _, ring0, num0 = host_queue(m)
     assert num0 == 8
     m.host.set_serving(False)
     for k in range(3):
         io.write(k)
-    with io.q.lock:
+    with m.irqc.disabled():
         wr(m, M.QUEUE_SEL, 0)
         wr(m, M.QUEUE_RESET, 1)
         assert rd(m, M.QUEUE_RESET) == 0
@@ -514,7 +514,7 @@ def test_guest_transport_reset_ops(machine, packed):
     m = boot(machine, packed=packed, queue_size=16)
     io = Io(m, 4)
     vq = io.vq
-    with io.q.lock:
+    with m.irqc.disabled():
         assert m.vm.enable_vq_after_reset(vq) == -errno.EBUSY       # not reset
         assert m.vm.disable_vq_and_reset(vq) == 0
         assert vq.reset

@@ -332,3 +332,22 @@ def test_cli_check_accepts_shipped_configs(path):
     n_wl = sum(len(vm.workloads) for vm in t.vms.values())
     assert r.stdout == f"{path}: ok ({len(t.vms)} VM(s), {n_dev} device(s), {n_wl} workload(s))\n"
     assert r.stderr == ""
+
+
+@pytest.mark.parametrize("mtu, size, csum, ok", [
+    (1500, 1480, False, True), (1500, 1481, False, False),
+    (1500, 1452, True, True), (1500, 1453, True, False),
+    (9000, 8000, False, True), (9000, 8980, False, True),
+])
+def test_net_payload_must_fit_the_mtu(mtu, size, csum, ok):
+    data = {"switches": {"lan0": {}}, "vms": {
+        "a": {"devices": {"eth0": {"type": "net", "mtu": mtu, "backend": {"switch": "lan0"}}},
+              "workloads": {"s": {"type": "net-stream", "device": "eth0", "peer": "b.eth0",
+                                  "size": size, "csum_offload": csum}}},
+        "b": {"devices": {"eth0": {"type": "net", "backend": {"switch": "lan0"}}},
+              "workloads": {"k": {"type": "net-sink", "device": "eth0"}}}}}
+    if ok:
+        load_topology(data, SRC)
+    else:
+        msg = error_of(data)
+        assert "vms.a" in msg and "workloads.s.size" in msg and f"MTU of {mtu}" in msg, msg

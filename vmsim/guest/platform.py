@@ -8,10 +8,11 @@
   drivers registered with request_irq, as a CPU takes an interrupt.
 """
 
+import contextlib
 import logging
 import select
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from vmsim.machine.eventfd import EventFd
 from vmsim.machine.wire import Channel, ChannelClosed
@@ -163,6 +164,9 @@ class IrqController:
         self.unhandled = 0
         self.safety_wakeups = 0
         self.error: BaseException | None = None
+        # Held while a handler or poll hook runs: synchronize_irq waits on it (reentrant, so
+        # a handler that frees an irq does not wait for itself).
+        self._running = threading.RLock()
 
     def add_line(self, irq: object, efd: EventFd) -> None:
         line = IrqLine(irq, efd)
@@ -183,10 +187,25 @@ class IrqController:
         line.handler = handler
 
     def free_irq(self, irq: object) -> None:
+        """Remove a line's handler; as Linux's, returns only once no handler runs any more."""
         line = self._lines.get(irq)
         if line is not None:
             line.handler = None
             line.poll_hook = None
+        self.synchronize_irq()
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """No handler runs inside this block (disable_irq / enable_irq for every line):
+        interrupts that arrive wait, and are taken after it."""
+        with self._running:
+            yield
+
+    def synchronize_irq(self) -> None:
+        """Wait for a handler that is running now to return (synchronize_irq): after it, a
+        handler that starts sees whatever the caller changed before."""
+        with self._running:
+            pass
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="vmsim-irq", daemon=True)
@@ -204,22 +223,25 @@ class IrqController:
                 events = self._ep.poll(IRQ_SAFETY_TIMEOUT_MS / 1000)
                 if not events:
                     self.safety_wakeups += 1
-                    for line in list(self._lines.values()):
-                        if line.poll_hook is not None:
-                            line.poll_hook()
+                    with self._running:
+                        for line in list(self._lines.values()):
+                            hook = line.poll_hook
+                            if hook is not None:
+                                hook()
                     continue
-                for fd, _ in events:
-                    line = self._by_fd.get(fd)
-                    if line is None:
-                        continue
-                    line.efd.consume()
-                    handler = line.handler
-                    if handler is None:
-                        self.unhandled += 1
-                    elif handler(line.irq):
-                        self.handled += 1
-                    else:
-                        self.unhandled += 1
+                with self._running:
+                    for fd, _ in events:
+                        line = self._by_fd.get(fd)
+                        if line is None:
+                            continue
+                        line.efd.consume()
+                        handler = line.handler
+                        if handler is None:
+                            self.unhandled += 1
+                        elif handler(line.irq):
+                            self.handled += 1
+                        else:
+                            self.unhandled += 1
         except ChannelClosed as e:   # the host went away mid-exit; the main thread reports it
             self.error = e
         except BaseException as e:  # a guest bug: the main thread reports it

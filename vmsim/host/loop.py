@@ -49,7 +49,7 @@ class EventLoop:
     def add_device(self, dev: VirtioDevice) -> None:
         self.devices.append(dev)
         for q in dev.queues:
-            self.add_reader(q.kick.fileno(), self._kick_handler(q))
+            self.add_reader(q.kick.fileno(), self._kick_handler(dev, q))
         self.dirty = True
 
     def remove_device(self, dev: VirtioDevice) -> None:
@@ -59,11 +59,12 @@ class EventLoop:
             self.devices.remove(dev)
         self.dirty = True
 
-    def _kick_handler(self, q: QueueState) -> Callable[[int], None]:
+    def _kick_handler(self, dev: VirtioDevice, q: QueueState) -> Callable[[int], None]:
         def on_kick(_fd: int) -> None:
             q.kick.consume()
             if q.ring is not None:
                 q.ring.n_notifies += 1
+                dev.kicked(q)
         return on_kick
 
     def _rebuild(self) -> None:
@@ -139,6 +140,6 @@ class EventLoop:
         return slipped
 
     def _disarm(self) -> None:
-        for _dev, q in self.live:
-            if q.ring is not None:
+        for dev, q in self.live:
+            if q.ring is not None and not dev.waits_for_kick(q):
                 q.ring.disable_notify()

@@ -137,6 +137,7 @@ class HostVM:
                         q = t.dev.queues[qi] if qi < len(t.dev.queues) else None
                         if q is not None and q.ring is not None:
                             q.ring.n_notifies += 1
+                            t.dev.kicked(q)
                     kicks.clear()
             return None
         return f"unknown trap {op!r}"

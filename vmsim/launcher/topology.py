@@ -246,7 +246,7 @@ class NetPingSpec(Strict):
     device: str
     peer: str = Field(description="VM.DEVICE of the net-echo side")
     count: int | None = Field(None, ge=1)
-    size: int = Field(64, ge=0, le=1400)
+    size: int = Field(64, ge=0, le=9000, description="payload bytes; the frame must fit the MTU")
     timeout_ms: int = Field(1000, ge=1)
 
 
@@ -256,7 +256,7 @@ class NetStreamSpec(Strict):
     peer: str = Field(description="VM.DEVICE of the net-sink side")
     frames: int | None = Field(None, ge=1)
     flows: int = Field(1, ge=1, le=256)
-    size: int = Field(256, ge=0, le=1400)
+    size: int = Field(256, ge=0, le=9000, description="payload bytes; the frame must fit the MTU")
     window: int = Field(128, ge=1, le=4096)
     csum_offload: bool = False
 
@@ -401,6 +401,12 @@ def _format_error(source: str, err: ValidationError) -> str:
         msg += f" (got {e['input']!r})"
     where = ".".join(loc)
     more = len(err.errors()) - 1
+            if w.type in ("net-ping", "net-stream"):
+                # the test header (20 bytes), and IPv4 + UDP with checksum offload
+                l3 = w.size + 20 + (28 if getattr(w, "csum_offload", False) else 0)
+                if l3 > dev.mtu:
+                    raise ValueError(f"workloads.{wname}.size: {w.size} bytes make {l3}-byte "
+                                     f"packets, more than {w.device!r}'s MTU of {dev.mtu}")
     tail = f" [and {more} more problem{'s' if more > 1 else ''}]" if more else ""
     return f"{source}: {where}: {msg}{tail}" if where else f"{source}: {msg}{tail}"
 

@@ -33,6 +33,8 @@ class VirtioMmio:
     """struct virtio_mmio_device: the config ops of one MMIO device."""
 
     transport_name = "mmio"
+    # One level-triggered line per device; the cause is read from InterruptStatus.
+    irq_mode = "line"
 
     def __init__(self, platform: Platform, irqc: IrqController, dma: DmaMemory, base: int,
                  irq: int, queue_stats: Callable[[int], memoryview | None]) -> None:
@@ -131,7 +133,7 @@ class VirtioMmio:
         return f"virtio-mmio@{self.base:x}"
 
     def synchronize_cbs(self, vdev: VirtioDevice) -> None:
-        pass  # handlers run on the one interrupt thread; nothing to wait for
+        self.irqc.synchronize_irq()
 
     # ---- queues ----------------------------------------------------------------------------------
     def _notify(self, vq: Virtqueue) -> bool:
@@ -227,6 +229,7 @@ class VirtioMmio:
             else:
                 return -errno.EBUSY
         vq.reset = True
+        self.irqc.synchronize_irq()      # no handler is still in the queue's old ring
         return 0
 
     def enable_vq_after_reset(self, vq: Virtqueue) -> int:
@@ -245,14 +248,17 @@ class VirtioMmio:
         """vm_del_vqs: disable each queue on the device, free the ring, free the irq."""
         wr, rd = self.platform.writel, self.platform.readl
         ready = M.QUEUE_PFN if self.version == 1 else M.QUEUE_READY
-        for vq in vdev.vqs:
+        # Off the list the interrupt handler walks first, and no handler still in it (Linux
+        # takes the queue off vm_dev->virtqueues under the lock vm_interrupt holds).
+        vqs, vdev.vqs = vdev.vqs, []
+        self.irqc.synchronize_irq()
+        for vq in vqs:
             wr(self.base + M.QUEUE_SEL, vq.index)
             wr(self.base + ready, 0)
             if rd(self.base + ready):
                 log.warning("%s: queue %d still active after disable", vdev.name, vq.index)
             vq.publish_stats()
             vring_del_virtqueue(vq)
-        vdev.vqs = []
         if self.irq_requested:
             self.irqc.free_irq(self.irq)
             self.irq_requested = False
@@ -273,7 +279,8 @@ class VirtioMmio:
             handled = True
         if status & M.INT_VRING:
             for vq in vdev.vqs:
-                handled |= vq.vring_interrupt()
+                if not vq.reset:
+                    handled |= vq.vring_interrupt()
         return handled
 
     def _safety_poll(self) -> None:
@@ -283,6 +290,7 @@ class VirtioMmio:
         if vdev is None:
             return
         for vq in vdev.vqs:
-            if vq.callback is not None and vq.callbacks_enabled() and vq.more_used():
+            if (vq.callback is not None and not vq.reset and vq.callbacks_enabled()
+                    and vq.more_used()):
                 self.safety_polls += 1
                 vq.vring_interrupt()

@@ -123,6 +123,14 @@ class VirtioDevice:
         posted buffers are not, until there is something to receive)."""
         return True
 
+    def waits_for_kick(self, q: QueueState) -> bool:
+        """Whether `q` waits for the driver's kick (its notifications must stay enabled while
+        the host polls the other queues): a receive queue starved of buffers."""
+        return False
+
+    def kicked(self, q: QueueState) -> None:
+        """The driver kicked `q` (the host loop calls this for every kick it takes)."""
+
     def on_driver_ok(self) -> None:
         """The driver set DRIVER_OK: the device is live."""
 

@@ -74,6 +74,12 @@ class DeviceQueue:
     def disable_notify(self) -> None:
         raise NotImplementedError
 
+    def wait_for_more(self) -> bool:
+        """Ask for a kick when the driver makes available more than is available now (what is
+        there is not enough: a receive queue whose buffers cannot hold the next frame); True if
+        more came meanwhile (QEMU's virtio_net_has_buffers re-check)."""
+        raise NotImplementedError
+
     def has_work(self) -> bool:
         raise NotImplementedError
 

@@ -393,6 +393,26 @@ class PackedQueue(DeviceQueue):
         full_barrier()
         return self.has_work()
 
+    def wait_for_more(self) -> bool:
+        # The first position past what is available now (a short walk, only when starved) ...
+        ring_h = self.ring_h
+        pos, w = self.last_avail_idx, self.avail_wrap_counter
+        for _ in range(self.num):
+            flags = ring_h[8 * pos + 7]
+            if bool(flags & F_AVAIL) != bool(w) or bool(flags & F_USED) == bool(w):
+                break
+            pos += 1
+            if pos == self.num:
+                pos = 0
+                w ^= 1
+        # ... and a kick for every buffer made available from now on: an event offset would
+        # have to name a descriptor the driver has not reached, which it may never write.
+        self.notify_flags = ENABLE
+        self.dev_ev[P.EVENT_H_FLAGS] = ENABLE
+        full_barrier()
+        flags = ring_h[8 * pos + 7]
+        return bool(flags & F_AVAIL) == bool(w) and bool(flags & F_USED) != bool(w)
+
     def mark(self) -> tuple:
         return (self.last_avail_idx, self.avail_wrap_counter, self.inflight, self.n_popped,
                 self.n_bytes_read)

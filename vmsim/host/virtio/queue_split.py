@@ -399,6 +399,18 @@ class SplitQueue(DeviceQueue):
         full_barrier()
         return self.avail_h[R.AVAIL_H_IDX] != self.last_avail_idx
 
+    def wait_for_more(self) -> bool:
+        idx = self.avail_h[R.AVAIL_H_IDX]
+        self.used_flags &= ~R.VRING_USED_F_NO_NOTIFY
+        if self.event_idx:
+            # A kick when avail->idx moves past what is there now (vhost: vq->avail_idx),
+            # not past the device's position, which that idx is already beyond.
+            self.used_h[self.avail_event_at] = idx
+        else:
+            self.used_h[R.USED_H_FLAGS] = self.used_flags
+        full_barrier()
+        return self.avail_h[R.AVAIL_H_IDX] != idx
+
     # ---- state -----------------------------------------------------------------------------------
     def release(self) -> None:
         for v in (self.avail_h, self.used_h, self.used_i):

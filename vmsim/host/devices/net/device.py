@@ -8,6 +8,7 @@ VIRTIO_NET_F_MRG_RXBUF, num_buffers in the first header). A frame that finds no 
 in a short backlog until the driver posts some.
 """
 
+import zlib
 from collections import deque
 from typing import Any
 
@@ -65,6 +66,9 @@ class NetDevice(VirtioDevice):
         self.link_up = link_up
         self.metrics = NetMetrics()
         self.backlog: list[deque[tuple[bytes, Meta]]] = [deque() for _ in range(max_pairs)]
+        # A receive queue whose buffers cannot take the next frame waits for a kick (the
+        # driver posted more) instead of being retried on every pass of the host loop.
+        self.rx_starved = [False] * max_pairs
         self._reset_filters()
         backend.attach(self.receive)
 
@@ -77,6 +81,7 @@ class NetDevice(VirtioDevice):
         self.curr_pairs = 1
         for b in self.backlog:
             b.clear()
+        self.rx_starved = [False] * self.max_pairs
 
     def config_space(self) -> bytearray:
         return build_config(self.mac, self.link_up, self.max_pairs, self.mtu)
@@ -98,8 +103,17 @@ class NetDevice(VirtioDevice):
         buffers alone are no work."""
         i = q.index
         if i < self.ctrl_index and i % 2 == 0:
-            return bool(self.backlog[i // 2])
+            return bool(self.backlog[i // 2]) and not self.rx_starved[i // 2]
         return True
+
+    def waits_for_kick(self, q: QueueState) -> bool:
+        i = q.index
+        return i < self.ctrl_index and i % 2 == 0 and self.rx_starved[i // 2]
+
+    def kicked(self, q: QueueState) -> None:
+        i = q.index
+        if i < self.ctrl_index and i % 2 == 0:
+            self.rx_starved[i // 2] = False
 
     def handle_queue(self, q: QueueState, ring: DeviceQueue) -> int:
         i = q.index
@@ -155,8 +169,8 @@ class NetDevice(VirtioDevice):
         backlog.append((frame, meta))
         q = self.queues[N.rx_queue(pair)]
         ring = q.ring
-        if ring is None or q.broken or self.broken:
-            return                                 # kept until the queue is set up
+        if ring is None or q.broken or self.broken or self.rx_starved[pair]:
+            return                     # kept until the queue is set up, or has buffers
         try:
             n = self._deliver(q, ring)
         except RingError as e:
@@ -183,7 +197,7 @@ class NetDevice(VirtioDevice):
         if frame[12:14] == b"\x08\x00" and len(frame) >= 38:
             ihl = (frame[14] & 0xF) * 4
             key += frame[26:34] + frame[14 + ihl:14 + ihl + 4]
-        return hash(key) % self.curr_pairs
+        return zlib.crc32(key) % self.curr_pairs    # the same pair in every run (not hash())
 
     def _deliver(self, q: QueueState, ring: DeviceQueue) -> int:
         """Move waiting frames into posted buffers; returns the buffers used."""
@@ -217,13 +231,17 @@ class NetDevice(VirtioDevice):
                 if not mergeable:
                     break
             if room < need:
-                ring.rewind(mark)
+                ring.rewind(mark, chains)
                 if chains and not mergeable:
                     # One buffer is all a frame may take without MRG_RXBUF.
                     m.rx_dropped_too_big += 1
                     backlog.popleft()
                     continue
-                break                              # wait for more buffers
+                if ring.wait_for_more():
+                    continue                       # more were posted meanwhile: try again
+                self.rx_starved[q.index // 2] = True
+                m.rx_starved += 1
+                break
             backlog.popleft()
             data = rx_header(meta, guest_csum, len(chains)) + frame
             done = 0
