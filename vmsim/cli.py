@@ -103,5 +103,19 @@ def check(config: str) -> None:
     click.echo(f"{config}: ok ({len(topo.vms)} VM(s), {n_dev} device(s), {n_wl} workload(s))")
 
 
+@main.command()
+@click.argument("vm")
+@click.argument("device")
+@click.argument("port", required=False)
+@click.option("--run", "run_name", metavar="RUN",
+              help="The run to attach to (its name or its launcher's pid), when several "
+                   "running runs have the device.")
+def console(vm: str, device: str, port: str | None, run_name: str | None) -> None:
+    """Attach this terminal to a console port of a running VM (PORT: a name or number,
+    default 0), like virsh console; Ctrl-] detaches."""
+    from vmsim.launcher.console_attach import main_console
+    sys.exit(main_console(vm, device, port, run_name))
+
+
 if __name__ == "__main__":
     main()

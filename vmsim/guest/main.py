@@ -16,15 +16,22 @@ import traceback
 from typing import Any
 
 from vmsim.abi.endian import require_little_endian
+from vmsim.abi.pci import PCI_VENDOR_ID_REDHAT_QUMRANET
+from vmsim.guest.css import ChannelSubsystem, CssError
 from vmsim.guest.drivers.blk import BlkDriver
+from vmsim.guest.drivers.console import ConsoleDriver
 from vmsim.guest.drivers.net import NetDriver
 from vmsim.guest.memory import DmaMemory, GuestRAM
+from vmsim.guest.pci import scan_bus
 from vmsim.guest.platform import IrqController, Platform
+from vmsim.guest.virtio.ccw import CcwProbeError, VirtioCcw
 from vmsim.guest.virtio.core import VirtioBus, VirtioDevice
 from vmsim.guest.virtio.mmio import MmioProbeError, VirtioMmio
+from vmsim.guest.virtio.pci_common import PciProbeError, virtio_pci_probe
 from vmsim.guest.workloads import FailedWorkload, Workload, WorkloadError
 from vmsim.guest.workloads.blk_bench import BlkBench
 from vmsim.guest.workloads.blk_verify import BlkVerify
+from vmsim.guest.workloads.console_app import ConsoleApp
 from vmsim.guest.workloads.net import NET_WORKLOADS
 from vmsim.machine import proc, shm
 from vmsim.machine.eventfd import EventFd
@@ -33,7 +40,8 @@ from vmsim.machine.wire import Channel, ChannelClosed
 
 log = logging.getLogger("vmsim.guest")
 
-WORKLOADS: dict[str, type] = {"blk-verify": BlkVerify, "blk-bench": BlkBench, **NET_WORKLOADS}
+WORKLOADS: dict[str, type] = {"blk-verify": BlkVerify, "blk-bench": BlkBench, **NET_WORKLOADS,
+                              "console-app": ConsoleApp}
 DRAIN_TIMEOUT_S = 5.0
 PUBLISH_EVERY_MS = 100
 
@@ -82,13 +90,19 @@ class Guest:
         for e in desc["irqfds"]:
             efd = EventFd(fd_of[e["fd"]])
             self.eventfds.append(efd)
-            self.irqc.add_line(e["irq"], efd)
+            line = e["irq"]     # a number, or a tuple such as ("msix", slot, vector)
+            self.irqc.add_line(tuple(line) if isinstance(line, list) else line, efd)
         self.irqc.start()
         poll = spec.get("driver_poll_us", {})
         self.bus.register_driver(BlkDriver(self.dma, lambda name: int(poll.get(name, 0))))
+        self.bus.register_driver(ConsoleDriver(self.dma))
         self.bus.register_driver(NetDriver(self.dma, lambda name: int(poll.get(name, 0))))
         for node in desc["mmio"]:
             self._probe_mmio(node)
+        if desc.get("pci"):
+            self._probe_pci(desc["pci"])
+        if desc.get("css"):
+            self._probe_css(desc["css"])
 
     def _connect(self, path: str) -> Channel:
         deadline = time.monotonic() + 10
@@ -125,6 +139,61 @@ class Guest:
             self.probe_errors[name] = vdev.probe_error or f"probe failed ({err})"
         else:
             self.bound[name] = vdev.driver.name
+
+    def _probe_css(self, css_desc: dict[str, Any]) -> None:
+        """The channel subsystem: STSCH finds the subchannels, virtio_ccw onlines each
+        (enable, SENSE ID, SET_VIRTIO_REV); the firmware description names them."""
+        css = ChannelSubsystem(self.platform, self.irqc, self.dma, css_desc)
+        try:
+            subchannels = css.scan()
+        except CssError as e:
+            for node in css_desc.get("subchannels", []):
+                self.probe_errors[node["name"]] = f"channel subsystem: {e}"
+            log.warning("channel subsystem: %s", e)
+            return
+        for sch in subchannels:
+            name = sch.name
+            try:
+                t = VirtioCcw(css, sch, self.dma, self._queue_stats(name))
+                rec = self.spec["device_records"].get(name)
+                vdev = t.probe(name, self.stats.device(rec) if rec is not None else None)
+            except CcwProbeError as e:
+                self.probe_errors[name] = str(e)
+                log.warning("%s: %s", name, e)
+                continue
+            self.transports[name] = t
+            self.devices[name] = vdev
+            err = self.bus.register_device(vdev)
+            if err or vdev.driver is None:
+                self.probe_errors[name] = vdev.probe_error or f"probe failed ({err})"
+            else:
+                self.bound[name] = vdev.driver.name
+
+    def _probe_pci(self, bus: dict[str, Any]) -> None:
+        """Enumerate the PCI bus through its ECAM window and probe each virtio function; the
+        firmware tables name the slots."""
+        names = {f["slot"]: f["name"] for f in bus.get("functions", [])}
+        for pdev in scan_bus(self.platform, bus["ecam"], bus.get("bus", 0)):
+            if pdev.vendor != PCI_VENDOR_ID_REDHAT_QUMRANET:
+                continue        # the host bridge, or another vendor's device
+            name = names.get(pdev.slot, f"pci-{pdev.slot:02x}")
+            rec = self.spec["device_records"].get(name)
+            try:
+                t = virtio_pci_probe(self.platform, self.irqc, self.dma, pdev, name,
+                                     self.stats.device(rec) if rec is not None else None,
+                                     self._queue_stats(name))
+            except PciProbeError as e:
+                self.probe_errors[name] = str(e)
+                log.warning("%s: %s", name, e)
+                continue
+            vdev = t.vdev
+            self.transports[name] = t
+            self.devices[name] = vdev
+            err = self.bus.register_device(vdev)
+            if err or vdev.driver is None:
+                self.probe_errors[name] = vdev.probe_error or f"probe failed ({err})"
+            else:
+                self.bound[name] = vdev.driver.name
 
     # ---- workloads -------------------------------------------------------------------------------
     def start_workloads(self) -> None:
@@ -217,6 +286,7 @@ class Guest:
                 "interrupts": t.interrupts,
                 "config_interrupts": t.config_interrupts,
                 "safety_polls": t.safety_polls,
+                "irq_mode": getattr(t, "irq_mode", "") or None,   # how interrupts come
             }
         for name, err in self.probe_errors.items():
             devices.setdefault(name, {"driver": None, "probe_error": err})

@@ -113,6 +113,8 @@ class Run:
             try:
                 self._start_host()
                 self._start_guests()
+                for line in specs.console_endpoints(self.host_spec):
+                    self.log(f"console {line}")      # where a person can attach
                 self._watch()
             except _Abort:
                 pass

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmsim.abi import console as CON
 from vmsim.launcher.topology import Topology
 from vmsim.machine import runname
 
@@ -35,7 +36,55 @@ def queues_of(dev: Any) -> int:
         return dev.num_queues
     if dev.type == "net":
         return 2 * dev.queue_pairs + 1          # the pairs, then the control queue
+    if dev.type == "console":                   # port 0's pair (+ control, + the others')
+        return CON.num_queues(bool(dev.multiport), dev.max_ports or len(dev.ports))
     return 1
+
+
+def console_spec(vname: str, dname: str, dev: Any, rundir: str, config_dir: Path) -> dict:
+    """A console device's part of the host spec: its ports with paths resolved, the pty
+    links and default sockets in the run directory, and the manifest `vmsim console` reads
+    (<rundir>/<vm>-<dev>.console.json)."""
+    ports = []
+    for i, p in enumerate(dev.ports):
+        d: dict[str, Any] = {"name": p.name, "backend": p.backend,
+                             "console": p.console if p.console is not None else i == 0}
+        if p.backend == "pty":
+            d["link"] = os.path.join(rundir, f"{vname}-{dname}-{p.name}.pty")
+        elif p.path:
+            d["path"] = str((config_dir / os.path.expanduser(p.path)).resolve())
+        elif p.backend == "socket":
+            path = os.path.join(rundir, f"{vname}-{dname}-{p.name}.sock")
+            if len(path.encode()) > 100:            # AF_UNIX paths hold 107 bytes
+                tag = zlib.crc32(f"{vname}.{dname}.{p.name}".encode())
+                path = os.path.join(rundir, f"console-{tag:08x}.sock")
+            d["path"] = path
+        ports.append(d)
+    return {"multiport": bool(dev.multiport), "max_nr_ports": dev.max_ports or len(dev.ports),
+            "size": [dev.size.cols, dev.size.rows], "ports": ports,
+            "manifest": os.path.join(rundir, f"{vname}-{dname}.console.json")}
+
+
+def console_endpoints(host: dict[str, Any]) -> list[str]:
+    """One line per console port with a host end a person can reach (a pty, a socket), for
+    the launcher to print once the host has made them."""
+    lines = []
+    for vm in host["vms"]:
+        for d in vm["devices"]:
+            for i, p in enumerate(d.get("console", {}).get("ports", [])):
+                where = f"{vm['name']}.{d['name']} port {i} ({p['name']})"
+                if p["backend"] == "pty" and p.get("link"):
+                    try:
+                        pty = os.readlink(p["link"])
+                    except OSError:
+                        continue
+                    lines.append(f"{where}: pty {pty}  (attach: vmsim console {vm['name']} "
+                                 f"{d['name']}{'' if i == 0 else ' ' + p['name']})")
+                elif p["backend"] == "socket":
+                    lines.append(f"{where}: socket {p['path']}")
+                elif p["backend"] == "file":
+                    lines.append(f"{where}: log {p['path']}")
+    return lines
 
 
 def mac_of(vname: str, dname: str, dev: Any) -> str:
@@ -93,6 +142,8 @@ def host_spec(topo: Topology, lay: RunLayout, config_dir: Path) -> dict[str, Any
                 d["net"] = {"mac": mac_of(vname, dname, dev), "queue_pairs": dev.queue_pairs,
                             "mtu": dev.mtu, "link_up": dev.link == "up",
                             "backend": dev.backend.model_dump(exclude_none=True)}
+            if dev.type == "console":
+                d["console"] = console_spec(vname, dname, dev, lay.rundir, config_dir)
             devices.append(d)
         vms.append({"name": vname,
                     "ram": {"name": lay.ram_names[vname], "base": vm.memory_base,
@@ -113,6 +164,8 @@ def guest_spec(topo: Topology, lay: RunLayout, vname: str) -> dict[str, Any]:
         if peer:
             pvm, _, pdev = peer.partition(".")
             d["peer_mac"] = mac_of(pvm, pdev, topo.vms[pvm].devices[pdev])
+        if w.type == "console-app":
+            d["vm"] = vname                     # the shell's hostname
         workloads.append(d)
     return {
         "vm": vname,

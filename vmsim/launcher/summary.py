@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vmsim.abi import blk as B
+from vmsim.abi import console as CON
 from vmsim.abi import features as F
 from vmsim.abi import net as N
 from vmsim.abi import status as S
@@ -14,7 +15,8 @@ from vmsim.launcher.spec import RunLayout
 from vmsim.launcher.topology import Topology
 from vmsim.machine.stats import D, Q, StatsRegion, W, snapshot
 
-DEVICE_FEATURE_NAMES = {"blk": B.FEATURE_NAMES, "net": N.FEATURE_NAMES}
+DEVICE_FEATURE_NAMES = {"blk": B.FEATURE_NAMES, "net": N.FEATURE_NAMES,
+                        "console": CON.FEATURE_NAMES}
 
 
 def build_summary(*, topo: Topology, layout: RunLayout, stats: StatsRegion, source: str,
@@ -97,6 +99,8 @@ def build_summary(*, topo: Topology, layout: RunLayout, stats: StatsRegion, sour
                 devices[dname]["driver_info"] = gd["driver_info"]
             if hd.get("exits", {}).get("by_kind"):
                 devices[dname]["exits"]["by_kind"] = hd["exits"]["by_kind"]
+            if gd.get("irq_mode"):     # PCI: the interrupts the guest's driver chose
+                devices[dname]["irq_mode"] = gd["irq_mode"]
         vms[vname] = {"memory": vm.memory, "devices": devices,
                       "exits": grep.get("exits", 0),
                       "ioeventfd_writes": grep.get("ioeventfd_writes", 0)}
@@ -164,6 +168,17 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
                           _bytes(q["bytes_read"]), _bytes(q["bytes_written"]))
             console.print(t)
             console.print(f"  features: {' '.join(dev['features']) or '(none negotiated)'}")
+            if dev.get("irq_mode"):
+                kinds = dev["exits"].get("by_kind", {})
+                console.print(f"  interrupts: {dev['irq_mode']}; exits by kind: "
+                              + ", ".join(f"{k} {_n(v)}" for k, v in sorted(kinds.items())))
+            for p in dev.get("info", {}).get("ports", []) if dev["type"] == "console" else ():
+                where = p.get("path") or ""
+                console.print(f"  port {p['id']} {p['name']}: {p['backend']} {where}, "
+                              f"{_bytes(p['bytes_to_guest'])} in, "
+                              f"{_bytes(p['bytes_from_guest'])} out"
+                              + (f", {_bytes(p['dropped_from_guest'])} dropped"
+                                 if p["dropped_from_guest"] else ""), markup=False)
             for e in dev["errors"]:
                 console.print(f"  [red]device error:[/] {e}")
             if dev.get("probe_error"):

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from vmsim.abi import blk as B
+from vmsim.abi import console as CON
 from vmsim.abi import features as F
 from vmsim.abi import net as N
 
@@ -209,7 +210,91 @@ class NetDeviceSpec(Strict):
                 _feature_list(self.features.withhold, N.FEATURE_NAMES, "features.withhold"))
 
 
-DeviceSpec = Annotated[BlkDeviceSpec | NetDeviceSpec, Field(discriminator="type")]
+PORT_NAME_RE = r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$"
+CONSOLE_MAX_PORTS = 64
+
+
+class ConsoleSize(Strict):
+    cols: int = Field(80, ge=1, le=65535)
+    rows: int = Field(24, ge=1, le=65535)
+
+
+class ConsolePortSpec(Strict):
+    """One port of a console device: its name (PORT_NAME), where its bytes go on the host,
+    and the guest program on it."""
+    name: str | None = Field(None, pattern=PORT_NAME_RE,
+                             description="default: console for port 0, port<N> after")
+    backend: Literal["pty", "file", "socket", "none"] = "pty"
+    path: str | None = Field(None, description="file: the log (required); socket: where it "
+                                               "listens (default: in the run directory)")
+    app: Literal["echo", "shell", "none"] = "none"
+    console: bool | None = Field(None, description="a console port (CONSOLE_PORT); "
+                                                   "default: port 0 only")
+
+    @model_validator(mode="after")
+    def _path(self) -> "ConsolePortSpec":
+        if self.backend == "file" and not self.path:
+            raise ValueError("path: a file backend needs the log file's path")
+        if self.backend in ("pty", "none") and self.path is not None:
+            raise ValueError(f"path: a {self.backend} backend has no path")
+        return self
+
+
+class ConsoleDeviceSpec(Strict):
+    type: Literal["console"]
+    transport: Literal["mmio", "mmio-legacy", "pci", "pci-legacy", "ccw"] = "mmio"
+    ring: Literal["split", "packed"] = "split"
+    queue_size: int = 64
+    multiport: bool | None = Field(None, description="VIRTIO_CONSOLE_F_MULTIPORT; default: on "
+                                                     "with more than one port")
+    max_ports: int | None = Field(None, ge=1, le=CONSOLE_MAX_PORTS,
+                                  description="max_nr_ports; default: the number of ports")
+    size: ConsoleSize = Field(default_factory=ConsoleSize)
+    ports: list[ConsolePortSpec] = Field(
+        default_factory=lambda: [ConsolePortSpec(app="shell")])
+    features: FeatureSpec = Field(default_factory=FeatureSpec)
+    faults: Faults = Field(default_factory=Faults)
+    poll_us: int = Field(0, ge=0, le=1_000_000, description="unused by the console driver")
+
+    @field_validator("queue_size")
+    @classmethod
+    def _queue_size(cls, v: int) -> int:
+        if not 0 < v <= 32768:
+            raise ValueError(f"expected 1 to 32768 (a power of two for a split ring), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _ports(self) -> "ConsoleDeviceSpec":
+        if self.ring == "split" and self.queue_size & (self.queue_size - 1):
+            raise ValueError(f"queue_size: expected a power of two from 1 to 32768 for a split "
+                             f"ring, got {self.queue_size} (a packed ring may have any size)")
+        n = len(self.ports)
+        if not 1 <= n <= CONSOLE_MAX_PORTS:
+            raise ValueError(f"ports: expected 1 to {CONSOLE_MAX_PORTS} ports, got {n}")
+        if self.max_ports is not None and self.max_ports < n:
+            raise ValueError(f"max_ports: {self.max_ports} is fewer than the {n} ports")
+        if self.multiport is None:
+            self.multiport = n > 1 or (self.max_ports or 1) > 1
+        elif not self.multiport and (n > 1 or (self.max_ports or 1) > 1):
+            raise ValueError("multiport: more than one port needs multiport")
+        seen: set[str] = set()
+        for i, p in enumerate(self.ports):
+            if p.name is None:
+                p.name = "console" if i == 0 else f"port{i}"
+            if p.name in seen:
+                raise ValueError(f"ports.{i}.name: {p.name!r} names two ports")
+            seen.add(p.name)
+            if p.console and i and not self.multiport:
+                raise ValueError(f"ports.{i}.console: only port 0 without multiport")
+        return self
+
+    def feature_bits(self) -> tuple[list[int], list[int]]:
+        return (_feature_list(self.features.offer, CON.FEATURE_NAMES, "features.offer"),
+                _feature_list(self.features.withhold, CON.FEATURE_NAMES, "features.withhold"))
+
+
+DeviceSpec = Annotated[BlkDeviceSpec | NetDeviceSpec | ConsoleDeviceSpec,
+                       Field(discriminator="type")]
 
 
 class BlkVerifySpec(Strict):
@@ -275,8 +360,17 @@ class NetResponderSpec(Strict):
 
 NET_WORKLOAD_TYPES = ("net-echo", "net-ping", "net-stream", "net-sink", "net-responder")
 
+class ConsoleAppSpec(Strict):
+    """A program on a console port (a port's `app:` declares one too, named DEV-PORT)."""
+    type: Literal["console-app"]
+    device: str
+    port: str | int = Field(0, description="the port's name or number")
+    app: Literal["echo", "shell"] = "shell"
+    ops: int | None = Field(None, ge=1, description="finish after this many commands/echoes")
+
+
 WorkloadSpec = Annotated[BlkVerifySpec | BlkBenchSpec | NetEchoSpec | NetPingSpec
-                         | NetStreamSpec | NetSinkSpec | NetResponderSpec,
+                         | NetStreamSpec | NetSinkSpec | NetResponderSpec | ConsoleAppSpec,
                          Field(discriminator="type")]
 
 
@@ -307,12 +401,60 @@ class VMSpec(Strict):
             if w.type.startswith("net") and dev.type != "net":
                 raise ValueError(f"workloads.{wname}.device: {w.device!r} is a {dev.type} "
                                  f"device; {w.type} needs a net device")
+            if w.type in ("net-ping", "net-stream"):
+                # the test header (20 bytes), and IPv4 + UDP with checksum offload
+                l3 = w.size + 20 + (28 if getattr(w, "csum_offload", False) else 0)
+                if l3 > dev.mtu:
+                    raise ValueError(f"workloads.{wname}.size: {w.size} bytes make {l3}-byte "
+                                     f"packets, more than {w.device!r}'s MTU of {dev.mtu}")
             writes = w.type == "blk-verify" or (w.type == "blk-bench" and w.op != "read")
             if writes and getattr(dev, "readonly", False):
                 raise ValueError(f"workloads.{wname}.device: {w.device!r} is read-only and "
                                  f"this {w.type} workload writes")
         if len(self.devices) > 32:
             raise ValueError("devices: at most 32 devices per VM")
+        return self
+
+    @model_validator(mode="after")
+    def _console_apps(self) -> "VMSpec":
+        """A console port's `app:` becomes a console-app workload named DEV-PORT; every
+        console-app names a port its console device has, and no port has two."""
+        for dname, dev in self.devices.items():
+            if dev.type != "console":
+                continue
+            for i, p in enumerate(dev.ports):
+                if p.app == "none":
+                    continue
+                wname = re.sub(r"[^A-Za-z0-9_-]", "-", f"{dname}-{p.name}")[:32]
+                if wname in self.workloads:
+                    raise ValueError(f"devices.{dname}.ports.{i}.app: its workload would be "
+                                     f"named {wname!r}, which a workload of this VM already is")
+                self.workloads[wname] = ConsoleAppSpec(type="console-app", device=dname,
+                                                       port=p.name, app=p.app)
+        taken: dict[tuple[str, int], str] = {}
+        for wname, w in self.workloads.items():
+            if w.type != "console-app":
+                continue
+            dev = self.devices.get(w.device)
+            if dev is None or dev.type != "console":
+                kind = f"a {dev.type} device" if dev is not None else "not a device here"
+                raise ValueError(f"workloads.{wname}.device: {w.device!r} is {kind}; "
+                                 "console-app needs a console device")
+            names = [p.name for p in dev.ports]
+            if isinstance(w.port, int):
+                if not 0 <= w.port < len(names):
+                    raise ValueError(f"workloads.{wname}.port: {dev.type} device {w.device!r} "
+                                     f"has ports 0 to {len(names) - 1}, not {w.port}")
+                index = w.port
+            elif w.port in names:
+                index = names.index(w.port)
+            else:
+                raise ValueError(f"workloads.{wname}.port: {w.device!r} has no port "
+                                 f"{w.port!r} (ports: {', '.join(names)})")
+            other = taken.setdefault((w.device, index), wname)
+            if other != wname:
+                raise ValueError(f"workloads.{wname}.port: port {index} of {w.device!r} is "
+                                 f"{other}'s already (a port has one program)")
         return self
 
 
@@ -373,12 +515,19 @@ class Topology(Strict):
         return self
 
 
+_TAGS = frozenset({"blk", "net", "console", "blk-verify", "blk-bench", "console-app",
+                   "net-echo", "net-ping", "net-stream", "net-sink", "net-responder"})
+
+
 def _format_error(source: str, err: ValidationError) -> str:
     e = err.errors()[0]
     loc = [str(p) for p in e["loc"]]
     # Drop pydantic's union/discriminator tags from the path.
-    loc = [p for p in loc if not p.startswith(("function-", "tagged-union"))
-           and p not in ("blk", "blk-verify", "blk-bench")]
+    loc = [p for p in loc if not p.startswith(("function-", "tagged-union"))]
+    # A tag follows the name of a device or workload ("vda.blk.size"); a device may itself be
+    # named like a tag ("console"), so only that position is dropped.
+    loc = [p for i, p in enumerate(loc)
+           if not (i >= 2 and loc[i - 2] in ("devices", "workloads") and p in _TAGS)]
     msg = e["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
@@ -401,12 +550,6 @@ def _format_error(source: str, err: ValidationError) -> str:
         msg += f" (got {e['input']!r})"
     where = ".".join(loc)
     more = len(err.errors()) - 1
-            if w.type in ("net-ping", "net-stream"):
-                # the test header (20 bytes), and IPv4 + UDP with checksum offload
-                l3 = w.size + 20 + (28 if getattr(w, "csum_offload", False) else 0)
-                if l3 > dev.mtu:
-                    raise ValueError(f"workloads.{wname}.size: {w.size} bytes make {l3}-byte "
-                                     f"packets, more than {w.device!r}'s MTU of {dev.mtu}")
     tail = f" [and {more} more problem{'s' if more > 1 else ''}]" if more else ""
     return f"{source}: {where}: {msg}{tail}" if where else f"{source}: {msg}{tail}"
 

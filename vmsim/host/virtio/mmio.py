@@ -86,7 +86,10 @@ class MmioTransport(HostTransport):
 
     # ---- register access -------------------------------------------------------------------------
     def read(self, offset: int, width: int) -> int:
-        self.count_exit("mmio_read", False)
+        # By kind, so the summary shows what an interrupt costs on this transport: one
+        # InterruptStatus read and one InterruptACK write each.
+        self.count_exit("interrupt_status" if offset == M.INTERRUPT_STATUS else
+                        "config_read" if offset >= M.CONFIG else "mmio_read", False)
         self._publish_exits()
         dev = self.dev
         if offset >= M.CONFIG:
@@ -136,7 +139,9 @@ class MmioTransport(HostTransport):
         return 0
 
     def write(self, offset: int, width: int, value: int) -> None:
-        self.count_exit("mmio_write", True)
+        self.count_exit("interrupt_ack" if offset == M.INTERRUPT_ACK else
+                        "queue_notify" if offset == M.QUEUE_NOTIFY else
+                        "config_write" if offset >= M.CONFIG else "mmio_write", True)
         self._publish_exits()
         dev = self.dev
         if offset >= M.CONFIG:
