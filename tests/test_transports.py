@@ -150,3 +150,29 @@ def test_shipped_configs_cover_every_transport():
             if "transport:" in line:
                 seen.add(line.split("transport:")[1].strip().rstrip("}").split(",")[0].strip())
     assert set(TRANSPORTS) <= seen, f"no shipped config for {set(TRANSPORTS) - seen}"
+
+
+@pytest.mark.timeout(120)
+def test_shipped_mixed_topology(tmp_path):
+    """configs/mixed.yaml: two VMs with blk, net and console each, six transports' worth of
+    devices in one host, all working at once."""
+    js = tmp_path / "summary.json"
+    rc, launch = run_vmsim(tmp_path, "run", str(ROOT / "configs/mixed.yaml"), "--duration", "3",
+                           "--json", str(js), timeout=90)
+    assert rc == 0, launch.output()
+    d = json.loads(js.read_text())
+    want = {("vm0", "vda"): ("blk", "pci"), ("vm0", "eth0"): ("net", "ccw"),
+            ("vm0", "hvc0"): ("console", "mmio"), ("vm1", "vda"): ("blk", "mmio-legacy"),
+            ("vm1", "eth0"): ("net", "pci-legacy"), ("vm1", "hvc0"): ("console", "ccw")}
+    for (vm, name), (kind, transport) in want.items():
+        dev = d["vms"][vm]["devices"][name]
+        assert (dev["type"], dev["transport"]) == (kind, transport)
+        assert dev["driver"] == f"virtio_{kind}"
+    for wname in ("vm0.verify", "vm1.verify", "vm0.ping", "vm1.echo"):
+        w = d["workloads"][wname]
+        assert w["ops"] > 0 and w["errors"] == 0, (wname, w)
+    # the guest shells greeted their (unattached) ptys
+    for vm in ("vm0", "vm1"):
+        ports = d["vms"][vm]["devices"]["hvc0"]["info"]["ports"]
+        assert ports[0]["bytes_from_guest"] > 0
+    assert "vmsim console vm0 hvc0" in launch.err
