@@ -333,6 +333,8 @@ class NetPingSpec(Strict):
     count: int | None = Field(None, ge=1)
     size: int = Field(64, ge=0, le=9000, description="payload bytes; the frame must fit the MTU")
     timeout_ms: int = Field(1000, ge=1)
+    peer_wait_ms: int = Field(10_000, ge=0, description="how long the peer may take to answer "
+                              "at all; requests before its first answer are probes, not losses")
 
 
 class NetStreamSpec(Strict):

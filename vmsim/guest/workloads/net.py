@@ -80,6 +80,13 @@ class NetPing(NetWorkload):
         self.payload = bytes(range(256)) * (int(self.spec.get("size", 64)) // 256 + 1)
         self.payload = self.payload[:int(self.spec.get("size", 64))]
         self.timeout_ns = int(self.spec.get("timeout_ms", 1000)) * 1_000_000
+        # Until the peer first answers (its workload may start a moment after this one, as a
+        # real peer may still be coming up), an unanswered request is a probe, not a loss.
+        self.peer_wait_ns = int(self.spec.get("peer_wait_ms", 10_000)) * 1_000_000
+        self.first_sent_ns = 0
+        self.answered = False
+        self.probes = 0
+        self.late = 0
         self.seq = 0
         self.sent_ns = 0
         self.waiting = False
@@ -101,6 +108,8 @@ class NetPing(NetWorkload):
                 return
             self.seq += 1
             self.sent_ns = time.monotonic_ns()
+            if not self.first_sent_ns:
+                self.first_sent_ns = self.sent_ns
             frame = NF.test_frame(self.peer, self.net.mac, NF.KIND_ECHO_REQUEST, 0, self.seq,
                                   self.sent_ns, self.payload)
             self.waiting = self.net.send(frame) == 0
@@ -110,9 +119,15 @@ class NetPing(NetWorkload):
         if kind != NF.KIND_ECHO_REPLY:
             return
         with self.lock:
-            if seq != self.seq or not self.waiting:
-                self.error(f"reply {seq} while waiting for {self.seq}")
+            if self.stopping:
                 return
+            if seq < self.seq or (seq == self.seq and not self.waiting):
+                self.late += 1          # the reply to a request already given up on
+                return
+            if seq != self.seq:
+                self.error(f"reply {seq} to a request never sent (last sent {self.seq})")
+                return
+            self.answered = True
             if not ok:
                 self.error(f"reply {seq}: payload corrupted")
             self.waiting = False
@@ -126,9 +141,14 @@ class NetPing(NetWorkload):
             late = now_ns - self.sent_ns > self.timeout_ns
             if self.finished_event.is_set() or not late:
                 return
-            if self.waiting:
+            if self.waiting and not self.answered \
+                    and now_ns - self.first_sent_ns < self.peer_wait_ns:
+                self.probes += 1
+            elif self.waiting:
                 self.lost += 1
-                self.error(f"request {self.seq}: no reply within {self.timeout_ns // 1e6:.0f} ms")
+                what, ns = (("within", self.timeout_ns) if self.answered
+                            else ("from the peer at all in", self.peer_wait_ns))
+                self.error(f"request {self.seq}: no reply {what} {ns // 1e6:.0f} ms")
         self._send_next()
 
     def stop(self) -> None:
@@ -148,6 +168,8 @@ class NetPing(NetWorkload):
                            "p99": round(rt[min(len(rt) - 1, len(rt) * 99 // 100)] / 1e3, 1),
                            "min": round(rt[0] / 1e3, 1)}
         r["lost"] = self.lost
+        r["probes"] = self.probes       # requests sent before the peer first answered
+        r["late"] = self.late           # replies that came after their request timed out
         return r
 
 
