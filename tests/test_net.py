@@ -128,6 +128,19 @@ def test_driver_sets_rx_mode_and_the_filter_follows(machine):
     assert w.metrics()["rx_dropped_filter"] == 2
 
 
+def test_control_queue_follows_the_first_pair_without_mq(machine):
+    """A device with two pairs whose driver did not take VIRTIO_NET_F_MQ has its control
+    queue at index 2 (spec 5.1.2), where the driver put it: the driver's RX-mode commands
+    still reach the device."""
+    w = Wire(machine, pairs=2, withhold=1 << N.VIRTIO_NET_F_MQ)
+    assert not w.net.vdev.has_feature(N.VIRTIO_NET_F_MQ)
+    assert w.m.host.call(lambda: (w.dev.ctrl_index, w.dev.promisc)) == (2, False)
+    assert w.metrics()["ctrl_commands"] >= 1
+    w.inject(frame_to(FOREIGN, 1))
+    w.inject(frame_to(GUEST_MAC, 2))
+    assert seqs(w.wait(w.got, 1)) == [2]
+
+
 def test_promiscuous_mode_lets_foreign_frames_in(machine):
     w = Wire(machine)
     assert w.net.set_rx_mode(promisc=True, allmulti=False) == N.VIRTIO_NET_OK

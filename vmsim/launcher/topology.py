@@ -56,6 +56,16 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _check_ring(dev: Any) -> None:
+    """A split ring's size is a power of two; a legacy transport has no packed rings."""
+    if dev.ring == "split" and dev.queue_size & (dev.queue_size - 1):
+        raise ValueError(f"queue_size: expected a power of two from 1 to 32768 for a split "
+                         f"ring, got {dev.queue_size} (a packed ring may have any size)")
+    if dev.ring == "packed" and dev.transport.endswith("legacy"):
+        raise ValueError(f"ring: a {dev.transport} device cannot have packed rings (legacy "
+                         f"virtio predates them; use transport {dev.transport[:-7]})")
+
+
 class FeatureSpec(Strict):
     offer: list[str] = Field(default_factory=list)
     withhold: list[str] = Field(default_factory=list)
@@ -115,9 +125,7 @@ class BlkDeviceSpec(Strict):
 
     @model_validator(mode="after")
     def _ring_size(self) -> "BlkDeviceSpec":
-        if self.ring == "split" and self.queue_size & (self.queue_size - 1):
-            raise ValueError(f"queue_size: expected a power of two from 1 to 32768 for a split "
-                             f"ring, got {self.queue_size} (a packed ring may have any size)")
+        _check_ring(self)
         return self
 
     @model_validator(mode="after")
@@ -200,9 +208,7 @@ class NetDeviceSpec(Strict):
 
     @model_validator(mode="after")
     def _ring_size(self) -> "NetDeviceSpec":
-        if self.ring == "split" and self.queue_size & (self.queue_size - 1):
-            raise ValueError(f"queue_size: expected a power of two from 1 to 32768 for a split "
-                             f"ring, got {self.queue_size} (a packed ring may have any size)")
+        _check_ring(self)
         return self
 
     def feature_bits(self) -> tuple[list[int], list[int]]:
@@ -265,9 +271,7 @@ class ConsoleDeviceSpec(Strict):
 
     @model_validator(mode="after")
     def _ports(self) -> "ConsoleDeviceSpec":
-        if self.ring == "split" and self.queue_size & (self.queue_size - 1):
-            raise ValueError(f"queue_size: expected a power of two from 1 to 32768 for a split "
-                             f"ring, got {self.queue_size} (a packed ring may have any size)")
+        _check_ring(self)
         n = len(self.ports)
         if not 1 <= n <= CONSOLE_MAX_PORTS:
             raise ValueError(f"ports: expected 1 to {CONSOLE_MAX_PORTS} ports, got {n}")
@@ -297,7 +301,12 @@ DeviceSpec = Annotated[BlkDeviceSpec | NetDeviceSpec | ConsoleDeviceSpec,
                        Field(discriminator="type")]
 
 
-class BlkVerifySpec(Strict):
+class WorkloadBase(Strict):
+    # false: the workload is set up but waits for a scenario step to start it
+    autostart: bool = True
+
+
+class BlkVerifySpec(WorkloadBase):
     type: Literal["blk-verify"]
     device: str
     block_size: int = 4096
@@ -309,7 +318,7 @@ class BlkVerifySpec(Strict):
     seed: int = 1
 
 
-class BlkBenchSpec(Strict):
+class BlkBenchSpec(WorkloadBase):
     type: Literal["blk-bench"]
     device: str
     op: Literal["read", "write", "mixed"] = "read"
@@ -321,12 +330,12 @@ class BlkBenchSpec(Strict):
     seed: int = 1
 
 
-class NetEchoSpec(Strict):
+class NetEchoSpec(WorkloadBase):
     type: Literal["net-echo"]
     device: str
 
 
-class NetPingSpec(Strict):
+class NetPingSpec(WorkloadBase):
     type: Literal["net-ping"]
     device: str
     peer: str = Field(description="VM.DEVICE of the net-echo side")
@@ -337,7 +346,7 @@ class NetPingSpec(Strict):
                               "at all; requests before its first answer are probes, not losses")
 
 
-class NetStreamSpec(Strict):
+class NetStreamSpec(WorkloadBase):
     type: Literal["net-stream"]
     device: str
     peer: str = Field(description="VM.DEVICE of the net-sink side")
@@ -348,13 +357,13 @@ class NetStreamSpec(Strict):
     csum_offload: bool = False
 
 
-class NetSinkSpec(Strict):
+class NetSinkSpec(WorkloadBase):
     type: Literal["net-sink"]
     device: str
     expect: int | None = Field(None, ge=1)
 
 
-class NetResponderSpec(Strict):
+class NetResponderSpec(WorkloadBase):
     type: Literal["net-responder"]
     device: str
     ip: str = Field(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")
@@ -362,7 +371,7 @@ class NetResponderSpec(Strict):
 
 NET_WORKLOAD_TYPES = ("net-echo", "net-ping", "net-stream", "net-sink", "net-responder")
 
-class ConsoleAppSpec(Strict):
+class ConsoleAppSpec(WorkloadBase):
     """A program on a console port (a port's `app:` declares one too, named DEV-PORT)."""
     type: Literal["console-app"]
     device: str

@@ -89,6 +89,12 @@ class NetDevice(VirtioDevice):
     def on_reset(self) -> None:
         self._reset_filters()
 
+    def on_driver_ok(self) -> None:
+        # Without VIRTIO_NET_F_MQ the control queue follows the first pair (queue 2), however
+        # many pairs the device has (spec 5.1.2).
+        pairs = self.max_pairs if self.negotiated(N.VIRTIO_NET_F_MQ) else 1
+        self.ctrl_index = N.ctrl_queue(pairs)
+
     # ---- host-side changes -----------------------------------------------------------------------
     def set_link(self, up: bool) -> None:
         """Link up or down: the status in config space changes and the driver hears of it by
