@@ -15,6 +15,7 @@ import msgpack
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 253  # SCM_MAX_FD
+_FDS_AHEAD = b"\xc1fds"      # 0xc1 is never the first byte of a msgpack object
 
 
 class ChannelClosed(ConnectionError):
@@ -60,7 +61,15 @@ class Channel:
         return self.sock.fileno()
 
     def send(self, obj: Any, fds: list[int] | tuple[int, ...] = ()) -> None:
-        data = _pack(obj)
+        # The kernel passes at most SCM_MAX_FD descriptors per message: more (a VM with a
+        # hundred queues has two eventfds each) go ahead in messages of their own, which the
+        # receiver gathers into the message that follows them.
+        while len(fds) > MAX_FDS:
+            self._send(_FDS_AHEAD, fds[:MAX_FDS])
+            fds = fds[MAX_FDS:]
+        self._send(_pack(obj), fds)
+
+    def _send(self, data: bytes, fds: list[int] | tuple[int, ...]) -> None:
         try:
             if fds:
                 self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
@@ -77,16 +86,23 @@ class Channel:
             p.register(self.sock.fileno(), select.POLLIN)
             if not p.poll(max(0, int(timeout * 1000))):
                 raise ChannelTimeout(f"no message in {timeout} s")
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS,
-                                                       socket.MSG_CMSG_CLOEXEC)
-        except (ConnectionResetError, OSError) as e:
-            raise ChannelClosed(str(e)) from e
-        if not data:
-            for fd in fds:
-                _close(fd)
-            raise ChannelClosed("peer closed the channel")
-        return _unpack(data), fds
+        ahead: list[int] = []
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS,
+                                                           socket.MSG_CMSG_CLOEXEC)
+            except (ConnectionResetError, OSError) as e:
+                for fd in ahead:
+                    _close(fd)
+                raise ChannelClosed(str(e)) from e
+            if not data:
+                for fd in ahead + fds:
+                    _close(fd)
+                raise ChannelClosed("peer closed the channel")
+            if data == _FDS_AHEAD:
+                ahead.extend(fds)
+                continue
+            return _unpack(data), ahead + fds
 
     def recv_obj(self, timeout: float | None = None) -> Any:
         """The next message, refusing fds (closed if any came)."""

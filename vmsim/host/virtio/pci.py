@@ -43,7 +43,6 @@ from vmsim.host.pci import Bar, Msix, PciFunction, PciHostBridge
 from vmsim.host.virtio.device import QueueState, VirtioDevice
 from vmsim.host.virtio.transport import HostTransport
 from vmsim.machine.eventfd import EventFd
-from vmsim.machine.stats import D
 
 U32 = 0xFFFFFFFF
 NO_VECTOR = P.VIRTIO_MSI_NO_VECTOR
@@ -87,8 +86,12 @@ class PciTransport(HostTransport):
             # 0, or a power of two that is a multiple of 4 (which NOTIFICATION_DATA needs)
             raise ValueError(f"notify_off_multiplier {notify_off_multiplier}")
         nq = len(dev.queues)
-        nvec = nq + 1 if msix_vectors is None else msix_vectors
-        if not 0 <= nvec <= MSIX_PBA_OFFSET // P.PCI_MSIX_ENTRY_SIZE:
+        # By default a vector per queue and one for config changes, as many as the table
+        # holds: a device with more queues (a console with many ports) gets the largest
+        # table, and the guest falls back to one vector shared by the queues.
+        most = MSIX_PBA_OFFSET // P.PCI_MSIX_ENTRY_SIZE
+        nvec = min(nq + 1, most) if msix_vectors is None else msix_vectors
+        if not 0 <= nvec <= most:
             raise ValueError(f"msix_vectors {nvec}: expected 0 to "
                              f"{MSIX_PBA_OFFSET // P.PCI_MSIX_ENTRY_SIZE}")
         if legacy:
@@ -287,10 +290,6 @@ class PciTransport(HostTransport):
     # ---- exits -----------------------------------------------------------------------------------
     def _count(self, kind: str, write: bool) -> None:
         self.count_exit(kind, write)
-        s = self.dev.stats
-        if s is not None:
-            s[D.EXITS_READ] = self.exits_read
-            s[D.EXITS_WRITE] = self.exits_write
 
     def _decodes(self, bar: int) -> bool:
         err = self.fn.decode_error(bar)
