@@ -22,7 +22,7 @@ class Host:
     def __init__(self, spec: dict[str, Any], lch: Channel) -> None:
         self.spec = spec
         self.lch = lch
-        self.loop = EventLoop(int(spec.get("poll_us", 100)))
+        self.loop = EventLoop(int(spec.get("poll_us", 100)), bool(spec.get("live_stats", True)))
         self.stats = StatsRegion(shm.open_map(spec["stats"]))
         self.switches = {name: Switch(name) for name in spec.get("switches", [])}
         self.vms: list[HostVM] = []

@@ -21,6 +21,16 @@ def open_map(name: str) -> mmap.mmap:
         obj.close_fd()
 
 
+def open_map_readonly(name: str) -> mmap.mmap:
+    """Map an existing object read-only (a reader: the dashboard, `vmsim top`). A store
+    through it faults, so a reader cannot disturb the run it watches."""
+    obj = posix_ipc.SharedMemory(name, read_only=True)
+    try:
+        return mmap.mmap(obj.fd, obj.size, prot=mmap.PROT_READ)
+    finally:
+        obj.close_fd()
+
+
 def open_fd(name: str) -> int:
     """An fd of an existing object (for handing it on, as a VMM hands RAM to vhost-user)."""
     obj = posix_ipc.SharedMemory(name)

@@ -21,6 +21,7 @@ batch's last buffer): the driver keeps its buffers in submission order to resolv
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
+from time import monotonic_ns
 from typing import Any
 
 from vmsim.abi import features as F
@@ -100,6 +101,7 @@ class PackedVirtqueue(Virtqueue):
         self.desc_data: list[Any] = [None] * num  # desc_state[id].data
         self.desc_num = [0] * num                 # ring descriptors buffer id holds
         self.desc_in_len = [0] * num              # its writable bytes (for in-order batches)
+        self.lat_t = [0] * num                    # add time of a sampled buffer, by id
         self._inflight_ids: deque[int] = deque()  # submission order (in-order batches)
         self._batch: deque[tuple[Any, int]] = deque()
         self.num_free = num
@@ -209,7 +211,9 @@ class PackedVirtqueue(Virtqueue):
         # The rest of the chain is written; now the head's flags expose it.
         self.ring_h[8 * head + 7] = head_flags
         self.num_added += used
-        self.n_added += 1
+        n = self.n_added = self.n_added + 1
+        if not n & self.lat_mask:
+            self.lat_t[bid] = monotonic_ns()
         if self.num_added >= 0xFFFF:
             self.kick()
         return 0
@@ -237,6 +241,10 @@ class PackedVirtqueue(Virtqueue):
         else:
             self.n_kicks_suppressed += 1
         return needs
+
+    def ring_positions(self) -> tuple[int, int]:
+        return (self.next_avail_idx | self.avail_wrap_counter << WRAP_SHIFT,
+                self.last_used_idx)
 
     def notification_data(self) -> int:
         """VIRTIO_F_NOTIFICATION_DATA: vqn, then next_off (15 bits) and next_wrap."""
@@ -285,11 +293,15 @@ class PackedVirtqueue(Virtqueue):
                 early = ids.popleft()
                 skip += self.desc_num[early]
                 self._batch.append((self.desc_data[early], self.desc_in_len[early]))
+                self._sample_latency(early)
                 self._detach_buf(early)
             if ids:
                 ids.popleft()
         data = self.desc_data[bid]
         skip += self.desc_num[bid]
+        t = self.lat_t[bid]
+        if t:
+            self.lat_hist[(monotonic_ns() - t).bit_length()] += 1
         self._detach_buf(bid)
         pos += skip
         if pos >= self.num:
@@ -304,9 +316,15 @@ class PackedVirtqueue(Virtqueue):
             return self._batch.popleft()
         return data, ln
 
+    def _sample_latency(self, bid: int) -> None:
+        t = self.lat_t[bid]
+        if t:
+            self.lat_hist[(monotonic_ns() - t).bit_length()] += 1
+
     def _detach_buf(self, bid: int) -> None:
         """detach_buf_packed: the ID back on the free list, its ring slots free again."""
         self.desc_data[bid] = None
+        self.lat_t[bid] = 0
         self.id_next[bid] = self.free_head
         self.free_head = bid
         self.num_free += self.desc_num[bid]

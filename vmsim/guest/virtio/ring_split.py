@@ -18,6 +18,7 @@ free list and chain links live in private lists (desc_next), as Linux keeps desc
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from time import monotonic_ns
 from typing import Any
 
 from vmsim.abi import features as F
@@ -103,6 +104,7 @@ class SplitVirtqueue(Virtqueue):
         self._inflight_heads: deque[int] = deque()   # submission order (in-order batches)
         self._batch: deque[tuple[Any, int]] = deque()
         self.desc_in_len = [0] * num                 # writable bytes of each chain
+        self.lat_t = [0] * num                       # add time of a sampled chain, by head
         self.num_free = num
         self.avail_idx_shadow = 0
         self.avail_flags_shadow = 0
@@ -188,7 +190,9 @@ class SplitVirtqueue(Virtqueue):
         shadow = (shadow + 1) & R.IDX_MASK
         self.avail_idx_shadow = shadow
         avail[R.AVAIL_H_IDX] = shadow
-        self.n_added += 1
+        n = self.n_added = self.n_added + 1
+        if not n & self.lat_mask:
+            self.lat_t[head] = monotonic_ns()
         self.num_added += 1
         if self.num_added == R.IDX_MASK:
             # Linux: "This is very unlikely, but theoretically possible. Kick just in case."
@@ -284,6 +288,10 @@ class SplitVirtqueue(Virtqueue):
             return None
         if self.in_order:
             return self._get_buf_in_order(head, ln, data, last)
+        t = self.lat_t[head]
+        if t:
+            self.lat_t[head] = 0
+            self.lat_hist[(monotonic_ns() - t).bit_length()] += 1
         # detach_buf_split, inlined: the chain goes back on the free list whole.
         self.desc_data[head] = None
         self.desc_next[self.desc_last[head]] = self.free_head
@@ -305,10 +313,12 @@ class SplitVirtqueue(Virtqueue):
         while heads and heads[0] != head:
             early = heads.popleft()
             self._batch.append((self.desc_data[early], self.desc_in_len[early]))
+            self._sample_latency(early)
             self._detach_buf(early)
             k += 1
         if heads:
             heads.popleft()
+        self._sample_latency(head)
         self._detach_buf(head)
         last = (last + k) & R.IDX_MASK
         self.last_used_idx = last
@@ -320,11 +330,18 @@ class SplitVirtqueue(Virtqueue):
             return self._batch.popleft()
         return data, ln
 
+    def _sample_latency(self, head: int) -> None:
+        t = self.lat_t[head]
+        if t:
+            self.lat_t[head] = 0
+            self.lat_hist[(monotonic_ns() - t).bit_length()] += 1
+
     def _detach_buf(self, head: int) -> None:
         """detach_buf_split: return the chain's descriptors to the free list. In order, the
         free descriptors are always the ring-order run after the in-flight ones: no links
         change."""
         self.desc_data[head] = None
+        self.lat_t[head] = 0
         if not self.in_order:
             self.desc_next[self.desc_last[head]] = self.free_head
             self.free_head = head
@@ -360,6 +377,9 @@ class SplitVirtqueue(Virtqueue):
         # The used_event / flags store above must be visible before the used idx is read.
         full_barrier()
         return bool(self._batch) or last_used_idx != self.used_h[R.USED_H_IDX]
+
+    def ring_positions(self) -> tuple[int, int]:
+        return self.avail_idx_shadow, self.last_used_idx
 
     def notification_data(self) -> int:
         """VIRTIO_F_NOTIFICATION_DATA for a split ring: vqn, then the next avail index."""

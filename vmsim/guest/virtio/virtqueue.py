@@ -11,11 +11,12 @@ full, -EIO once the queue is broken); get_buf returns None when nothing is used.
 
 import errno
 import struct
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from vmsim.abi import features as F
-from vmsim.machine.stats import Q
+from vmsim.machine.stats import LATENCY_SAMPLE_EVERY, Q, fold_histogram
 
 ENOSPC = -errno.ENOSPC
 EIO = -errno.EIO
@@ -67,6 +68,13 @@ class Virtqueue:
         self.n_spurious = 0
         self.n_descs = 0
         self.n_indirect = 0
+        # Latency, sampled: add_sgs stamps one request in LATENCY_SAMPLE_EVERY into
+        # lat_t[head or id] (a preallocated list: nothing allocated per request), get_buf
+        # adds its age to lat_hist[ns.bit_length()]. lat_mask -1 never samples (n_added >= 1
+        # when it is tested), for a run with live stats off.
+        self.lat_mask = LATENCY_SAMPLE_EVERY - 1 if stats is not None else -1
+        self.lat_t = [0] * num
+        self.lat_hist = [0] * 64
 
     # ---- the API (names as in Linux) -------------------------------------------------------------
     def add_sgs(self, out_sgs: Sequence[Sg], in_sgs: Sequence[Sg], data: Any) -> int:
@@ -187,6 +195,20 @@ class Virtqueue:
         s[Q.DESCS_ADDED] = self.n_descs
         s[Q.INDIRECT_ADDED] = self.n_indirect
         s[Q.NUM_FREE] = self.num_free
+        s[Q.DRV_AVAIL], s[Q.DRV_LAST_USED] = self.ring_positions()
+        s[Q.LAT_EVERY] = self.lat_mask + 1
+        for i, n in enumerate(fold_histogram(self.lat_hist)):
+            s[Q.LAT_HIST + i] = n
+        s[Q.DRV_PUBLISHED_NS] = time.monotonic_ns()
+
+    def ring_positions(self) -> tuple[int, int]:
+        """(next avail position, last used position) as the format counts them, for the
+        stats record: the driver's private indices a reader cannot find in the ring."""
+        return 0, 0
+
+    def stop_sampling(self) -> None:
+        """No more latency samples (live stats are off)."""
+        self.lat_mask = -1
 
     # ---- indirect tables -------------------------------------------------------------------------
     def _indirect_table(self, key: int) -> tuple[int, memoryview] | None:

@@ -104,6 +104,7 @@ class Workload:
         s[W.WRITES] = self.writes
         s[W.FLUSHES] = self.flushes
         s[W.OTHER] = self.other
+        s[W.PUBLISHED_NS] = time.monotonic_ns()
 
     def report(self) -> dict[str, Any]:
         end = self.ended_ns or time.monotonic_ns()

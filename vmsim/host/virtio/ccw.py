@@ -41,7 +41,6 @@ from vmsim.host.virtio.device import VirtioDevice
 from vmsim.host.virtio.transport import HostTransport
 from vmsim.machine.barrier import full_barrier
 from vmsim.machine.eventfd import EventFd
-from vmsim.machine.stats import D
 
 log = logging.getLogger("vmsim.host")
 
@@ -146,13 +145,6 @@ class CcwTransport(HostTransport):
         if self.css.first() is self.sch:
             lines.extend(self.css.adapter_irqfds())
         return lines
-
-    def count_exit(self, kind: str, write: bool) -> None:
-        super().count_exit(kind, write)
-        s = self.dev.stats
-        if s is not None:
-            s[D.EXITS_READ] = self.exits_read
-            s[D.EXITS_WRITE] = self.exits_write
 
     # ---- the subchannel's callbacks --------------------------------------------------------------
     def subchannel_enabled(self, sch: Subchannel, enabled: bool) -> None:

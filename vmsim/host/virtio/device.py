@@ -267,10 +267,18 @@ class VirtioDevice:
             self.virtio_error(f"queue {q.index}: {e}")
             return False
         q.ready = True
-        if q.stats is not None:
-            q.stats[Q.SIZE] = q.num
-            q.stats[Q.RING] = int(packed)
-            q.stats[Q.READY] = 1
+        s = q.stats
+        if s is not None:
+            # Where the ring is, for a reader that decodes it from guest RAM; READY last, so
+            # a reader that sees it set sees the layout.
+            s[Q.SIZE] = q.num
+            s[Q.RING] = int(packed)
+            s[Q.DESC_ADDR], s[Q.DRIVER_ADDR], s[Q.DEVICE_ADDR] = q.desc, q.driver, q.device
+            s[Q.RAM_BASE] = self.mem.base
+            s[Q.DEV_FEATURES] = self.driver_features
+            s[Q.LAYOUT_GEN] += 1
+            q.ring.publish_stats()
+            s[Q.READY] = 1
         return True
 
     def queue_reset(self, q: QueueState) -> None:
@@ -347,6 +355,7 @@ class VirtioDevice:
         s[D.RESETS] = self.n_resets
         s[D.CONFIG_INTERRUPTS] = self.n_config_interrupts
         s[D.CONFIG_GENERATION] = self.config_generation
+        s[D.INTERRUPTS] = getattr(self.transport, "n_interrupts", 0)
 
     def publish_stats(self) -> None:
         self._publish_device_stats()

@@ -20,7 +20,6 @@ from vmsim.host.board import Region
 from vmsim.host.virtio.device import QueueState, VirtioDevice
 from vmsim.host.virtio.transport import HostTransport
 from vmsim.machine.eventfd import EventFd
-from vmsim.machine.stats import D
 
 U32 = 0xFFFFFFFF
 V2_ONLY = {M.QUEUE_READY, M.QUEUE_DESC_LOW, M.QUEUE_DESC_HIGH, M.QUEUE_DRIVER_LOW,
@@ -90,7 +89,6 @@ class MmioTransport(HostTransport):
         # InterruptStatus read and one InterruptACK write each.
         self.count_exit("interrupt_status" if offset == M.INTERRUPT_STATUS else
                         "config_read" if offset >= M.CONFIG else "mmio_read", False)
-        self._publish_exits()
         dev = self.dev
         if offset >= M.CONFIG:
             if width not in (1, 2, 4):
@@ -142,7 +140,6 @@ class MmioTransport(HostTransport):
         self.count_exit("interrupt_ack" if offset == M.INTERRUPT_ACK else
                         "queue_notify" if offset == M.QUEUE_NOTIFY else
                         "config_write" if offset >= M.CONFIG else "mmio_write", True)
-        self._publish_exits()
         dev = self.dev
         if offset >= M.CONFIG:
             if width not in (1, 2, 4):
@@ -292,12 +289,6 @@ class MmioTransport(HostTransport):
         # The HIGH registers sit 4 bytes after their LOW halves.
         new = (old & U32) | value << 32 if offset & 4 else (old & ~U32) | value
         setattr(q, field, new)
-
-    def _publish_exits(self) -> None:
-        s = self.dev.stats
-        if s is not None:
-            s[D.EXITS_READ] = self.exits_read
-            s[D.EXITS_WRITE] = self.exits_write
 
     def describe(self) -> dict:
         return {"base": self.base, "irq": self.irq, "version": self.version}

@@ -13,6 +13,8 @@ and Linux's vringh pair them).
     mark / rewind         give back chains popped but not used
 """
 
+from time import monotonic_ns
+
 from vmsim.host.virtio.chain import DescChain
 from vmsim.machine.stats import Q
 
@@ -99,10 +101,17 @@ class DeviceQueue:
         raise NotImplementedError
 
     # ---- state -----------------------------------------------------------------------------------
+    def ring_positions(self) -> tuple[int, int]:
+        """(next avail position, next used position) as the format counts them: the
+        device's private indices, which a reader of the ring cannot see in guest RAM."""
+        raise NotImplementedError
+
     def publish_stats(self) -> None:
         s = self.stats
         if s is None:
             return
+        s[Q.DEV_LAST_AVAIL], s[Q.DEV_USED] = self.ring_positions()
+        s[Q.DEV_IN_FLIGHT] = self.inflight
         s[Q.POPPED] = self.n_popped
         s[Q.USED] = self.n_used
         s[Q.NOTIFIES] = self.n_notifies
@@ -112,6 +121,7 @@ class DeviceQueue:
         s[Q.BYTES_WRITTEN] = self.n_bytes_written
         s[Q.WAKEUPS] = self.n_wakeups
         s[Q.MISSED] = self.n_missed
+        s[Q.DEV_PUBLISHED_NS] = monotonic_ns()
 
     def release(self) -> None:
         pass

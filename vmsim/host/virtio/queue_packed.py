@@ -446,6 +446,10 @@ class PackedQueue(DeviceQueue):
         flags = self.ring_h[8 * last + 7]
         return bool(flags & F_AVAIL) == bool(lw) and bool(flags & F_USED) != bool(lw)
 
+    def ring_positions(self) -> tuple[int, int]:
+        return (self.last_avail_idx | self.avail_wrap_counter << WRAP_SHIFT,
+                self.used_idx | self.used_wrap_counter << WRAP_SHIFT)
+
     def release(self) -> None:
         for v in (self.ring_h, self.ring_i, self.ring_mv, self.drv_ev, self.dev_ev):
             v.release()

@@ -412,6 +412,9 @@ class SplitQueue(DeviceQueue):
         return self.avail_h[R.AVAIL_H_IDX] != idx
 
     # ---- state -----------------------------------------------------------------------------------
+    def ring_positions(self) -> tuple[int, int]:
+        return self.last_avail_idx, self.last_used_idx
+
     def release(self) -> None:
         for v in (self.avail_h, self.used_h, self.used_i):
             v.release()

@@ -5,12 +5,14 @@ from typing import Any
 
 from vmsim.host.board import Region
 from vmsim.machine.eventfd import EventFd
+from vmsim.machine.stats import D, exit_word
 
 
 class HostTransport:
     """Base of the transports: exit counting by kind, and the wiring interface."""
 
     name = ""
+    dev: Any = None           # the VirtioDevice it carries (set by each transport)
 
     def __init__(self) -> None:
         self.exits: dict[str, int] = {}
@@ -45,11 +47,18 @@ class HostTransport:
         return None
 
     def count_exit(self, kind: str, write: bool) -> None:
+        """One trapped access (a VM exit): counted by kind, and published at once (exits
+        are rare next to ring traffic: a store or three costs them nothing)."""
         self.exits[kind] = self.exits.get(kind, 0) + 1
         if write:
             self.exits_write += 1
         else:
             self.exits_read += 1
+        s = self.dev.stats if self.dev is not None else None
+        if s is not None:
+            s[D.EXITS_READ] = self.exits_read
+            s[D.EXITS_WRITE] = self.exits_write
+            s[exit_word(kind)] += 1
 
     def describe(self) -> dict[str, Any]:
         return {}
