@@ -36,9 +36,23 @@ def main() -> None:
               help="Stop the run after S seconds (default: the topology's, else 10).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
               metavar="FILE", help="Write the summary as JSON to FILE.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress lines, no summary table.")
-def run(config: str | None, duration: float | None, json_path: str | None, quiet: bool) -> None:
-    """Run a topology (CONFIG, a YAML file; without it, the built-in default)."""
+@click.option("--quiet", "-q", is_flag=True,
+              help="No dashboard, no progress lines, no summary table.")
+@click.option("--no-dashboard", is_flag=True,
+              help="No live dashboard on a terminal: progress lines on stderr instead.")
+@click.option("--refresh", type=click.FloatRange(1, 20), default=4.0, show_default=True,
+              metavar="HZ", help="Dashboard refreshes per second.")
+@click.option("--stats-file", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Append one JSON line of counters and rates per interval to FILE.")
+@click.option("--stats-every", type=click.FloatRange(min=0.05), metavar="S",
+              help="The --stats-file interval in seconds (default 1).")
+def run(config: str | None, duration: float | None, json_path: str | None, quiet: bool,
+        no_dashboard: bool, refresh: float, stats_file: str | None,
+        stats_every: float | None) -> None:
+    """Run a topology (CONFIG, a YAML file; without it, the built-in default).
+
+    On a terminal a live dashboard shows every queue (q quits, p pauses, tab focuses);
+    elsewhere (a pipe, CI) a progress line goes to stderr every 2 s."""
     try:
         if config is None:
             topo = load_topology(DEFAULT_TOPOLOGY, "<built-in default>")
@@ -48,12 +62,18 @@ def run(config: str | None, duration: float | None, json_path: str | None, quiet
             source, config_dir = config, Path(config).resolve().parent
     except TopologyError as e:
         _fail(f"config error: {e}")
-    if json_path is not None:
-        parent = os.path.dirname(os.path.abspath(json_path))
-        if not os.path.isdir(parent):
-            _fail(f"--json: directory {parent} does not exist")
+    for opt, path in (("--json", json_path), ("--stats-file", stats_file)):
+        if path is not None:
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                _fail(f"{opt}: directory {parent} does not exist")
+    if stats_every is not None and stats_file is None:
+        _fail("--stats-every needs --stats-file FILE")
+    dashboard = not (quiet or no_dashboard) and sys.stdout.isatty()
     try:
-        result = Run(topo, source, config_dir, duration=duration, progress=not quiet).execute()
+        result = Run(topo, source, config_dir, duration=duration, progress=not quiet,
+                     dashboard=dashboard, refresh_hz=refresh, stats_file=stats_file,
+                     stats_every=stats_every or 1.0).execute()
     except LaunchError as e:
         _fail(str(e), 3)
     if json_path is not None:
@@ -80,6 +100,30 @@ def bench(seconds: float, rounds: int, matrix: bool, json_path: str | None) -> N
     """Measure vmsim against a multiprocessing.Pipe + msgpack baseline in the same run."""
     from vmsim.bench.runner import run_bench
     sys.exit(run_bench(seconds, json_path, rounds, matrix))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="The list as JSON.")
+def ps(as_json: bool) -> None:
+    """List the vmsim runs in progress (name, launcher pid, config, uptime, VMs)."""
+    from vmsim.launcher.top import main_ps
+    sys.exit(main_ps(as_json))
+
+
+@main.command()
+@click.argument("run", required=False)
+@click.option("--once", "once_", is_flag=True,
+              help="Print the dashboard once (rates over 1 s) and exit; the default when "
+                   "stdout is not a terminal.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one line of counters and rates (as --stats-file writes) and exit.")
+@click.option("--refresh", type=click.FloatRange(1, 20), default=4.0, show_default=True,
+              metavar="HZ", help="Refreshes per second.")
+def top(run: str | None, once_: bool, as_json: bool, refresh: float) -> None:
+    """Show the dashboard of a run in progress (RUN: its name, a prefix, or its launcher's
+    pid; optional when only one runs). Read-only: q leaves top, the run goes on."""
+    from vmsim.launcher.top import main_top
+    sys.exit(main_top(run, once_, as_json, refresh))
 
 
 @main.command()

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmsim.launcher import manifest as manifests
 from vmsim.launcher import spec as specs
+from vmsim.launcher.observe import Observers
 from vmsim.launcher.summary import build_summary
 from vmsim.launcher.topology import Topology
 from vmsim.machine import runname, shm
@@ -78,9 +80,18 @@ def describe_exit(rc: int) -> str:
 
 
 class Run:
+    """One run. `progress`: a one-line progress report to stderr every `progress_every` s
+    (off while the dashboard shows). `dashboard`: the live view on this terminal, refreshed
+    `refresh_hz` times a second. `stats_file`: a JSON line every `stats_every` s.
+    `live_stats` False (for measuring what stats cost): queue counters reach the stats region
+    only at the end and no request is timed."""
+
     def __init__(self, topo: Topology, source: str, config_dir: Path,
                  duration: float | None = None, progress: bool = True,
-                 progress_every: float = 2.0, log=None) -> None:
+                 progress_every: float = 2.0, log=None, dashboard: bool = False,
+                 refresh_hz: float = 4.0, stats_file: str | None = None,
+                 stats_every: float = 1.0, live_stats: bool = True,
+                 dashboard_console: Any = None) -> None:
         self.topo = topo
         self.source = source
         self.config_dir = config_dir
@@ -103,6 +114,18 @@ class Run:
         self.started_at = 0.0
         self.ended_at = 0.0
         self.device_snapshot: dict[tuple[str, str], dict[str, int]] = {}
+        self.dashboard = dashboard
+        self.refresh_hz = refresh_hz
+        self.stats_file = stats_file
+        self.stats_every = stats_every
+        self.live_stats = live_stats
+        self.dashboard_console = dashboard_console   # a benchmark's off-screen console
+        self.manifest: dict[str, Any] | None = None
+        self.observers: Observers | None = None
+        self.observed: dict[str, Any] = {}
+        self.quit_requested = False       # q on the dashboard: end as at the end of duration
+        self._held_logs: list[str] = []
+        self._outer_log = self.log
 
     # ---- entry -----------------------------------------------------------------------------------
     def execute(self) -> RunResult:
@@ -115,13 +138,56 @@ class Run:
                 self._start_guests()
                 for line in specs.console_endpoints(self.host_spec):
                     self.log(f"console {line}")      # where a person can attach
+                self._publish_manifest()
+                self._start_observers()
                 self._watch()
             except _Abort:
                 pass
+            self._finish_observers()
             self._stop_all()
             return self._result()
         finally:
             self._cleanup()
+
+    def _publish_manifest(self) -> None:
+        """The run's manifest in its directory, for `vmsim top` and `vmsim ps`."""
+        self.manifest = manifests.build(
+            topo=self.topo, layout=self.layout, host_spec=self.host_spec, source=self.source,
+            duration=self.duration, started_mono=self.started_at, started_wall=time.time())
+        manifests.write(self.rundir, self.manifest)
+
+    def _start_observers(self) -> None:
+        if not (self.dashboard or self.stats_file):
+            return
+        self.observers = Observers(self.manifest, self.stats, dashboard=self.dashboard,
+                                   hz=self.refresh_hz, stats_file=self.stats_file,
+                                   stats_every=self.stats_every, started=self.started_at,
+                                   console=self.dashboard_console)
+        if self.dashboard:
+            # While the dashboard owns the screen, messages go onto it (and are printed
+            # again once it is gone).
+            def log(msg: str) -> None:
+                self._held_logs.append(msg)
+                if self.observers is not None:
+                    self.observers.log(msg)
+
+            self.log = log
+        self.observers.start()
+
+    def _finish_observers(self) -> None:
+        if self.observers is None:
+            return
+        try:
+            self.observers.finish()
+        finally:
+            self.observed = self.observers.describe()
+            self.observers.close()
+            self.observers = None
+            if self.dashboard:
+                self.log = self._outer_log
+                for msg in self._held_logs:
+                    self.log(msg)
+                self._held_logs = []
 
     # ---- setup -----------------------------------------------------------------------------------
     def _create_objects(self) -> None:
@@ -141,6 +207,7 @@ class Run:
         StatsRegion.format(self._stats_mm, lay.n_queues, lay.n_devices, lay.n_workloads)
         self.stats = StatsRegion(self._stats_mm)
         self.host_spec = specs.host_spec(self.topo, lay, self.config_dir)
+        self.host_spec["live_stats"] = self.live_stats
         for vm in self.host_spec["vms"]:
             for d in vm["devices"]:
                 path = d.get("blk", {}).get("path")
@@ -174,7 +241,8 @@ class Run:
         guests = []
         for vname in self.topo.vms:
             g = self._spawn("guest", vname, "vmsim.guest")
-            g.chan.send(specs.guest_spec(self.topo, self.layout, vname))
+            g.chan.send({**specs.guest_spec(self.topo, self.layout, vname),
+                         "live_stats": self.live_stats})
             guests.append(g)
         self._wait_states({"booted"}, guests, STARTUP_TIMEOUT_S, "boot")
         for g in guests:
@@ -198,20 +266,25 @@ class Run:
     # ---- running ---------------------------------------------------------------------------------
     def _watch(self) -> None:
         deadline = self.started_at + self.duration
-        next_progress = self.started_at + self.progress_every
+        progress = self.progress and not self.dashboard
+        next_progress = self.started_at + self.progress_every if progress else float("inf")
         guests = [c for c in self.children if c.role == "guest"]
         while True:
-            if self._failed() or self.interrupts:
+            if self._failed() or self.interrupts or self.quit_requested:
                 return
             if all(g.state == "done" for g in guests):
                 return
             now = time.monotonic()
             if now >= deadline:
                 return
-            if self.progress and now >= next_progress:
+            if now >= next_progress:
                 self._progress_line(now)
                 next_progress += self.progress_every
-            self._pump(min(deadline, next_progress if self.progress else deadline) - now)
+            wake = min(deadline, next_progress)
+            if self.observers is not None:
+                self.observers.run_due(now)
+                wake = min(wake, self.observers.next_due())
+            self._pump(max(0.0, wake - time.monotonic()))
 
     def _progress_line(self, now: float) -> None:
         parts = []
@@ -225,6 +298,9 @@ class Run:
     def _pump(self, timeout: float) -> None:
         """Wait up to `timeout` for messages, exits or a signal, and handle them."""
         fds: dict[int, tuple[str, Child | None]] = {self._wake_r: ("wake", None)}
+        key_fd = self.observers.input_fd() if self.observers is not None else None
+        if key_fd is not None:
+            fds[key_fd] = ("keys", None)
         for c in self.children:
             if not c.exited:
                 fds[c.pidfd] = ("exit", c)
@@ -240,6 +316,9 @@ class Run:
                     os.read(self._wake_r, 64)
                 except BlockingIOError:
                     pass
+            elif kind == "keys":
+                if self.observers is not None and self.observers.on_input():
+                    self.quit_requested = True
             elif kind == "msg":
                 self._on_message(c)
             elif kind == "exit":
@@ -350,6 +429,7 @@ class Run:
             code = EXIT_ERRORS
         else:
             code = EXIT_OK
+        summary.update(self.observed)
         summary["exit_code"] = code
         summary["outcome"] = {EXIT_OK: "ok", EXIT_ERRORS: "errors", EXIT_FAILED: "failed",
                               EXIT_INTERRUPTED: "interrupted"}[code]
@@ -373,6 +453,9 @@ class Run:
             self._old_handlers[s] = signal.signal(s, on_signal)
 
     def _cleanup(self) -> None:
+        if self.observers is not None:         # an error skipped the normal finish
+            self.observers.close()
+            self.observers = None
         for c in self.children:
             if not c.exited:
                 try:

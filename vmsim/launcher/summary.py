@@ -11,9 +11,10 @@ from vmsim.abi import console as CON
 from vmsim.abi import features as F
 from vmsim.abi import net as N
 from vmsim.abi import status as S
+from vmsim.launcher.rates import percentile_ns
 from vmsim.launcher.spec import RunLayout
 from vmsim.launcher.topology import Topology
-from vmsim.machine.stats import D, Q, StatsRegion, W, snapshot
+from vmsim.machine.stats import D, Q, StatsRegion, W, histogram, snapshot
 
 DEVICE_FEATURE_NAMES = {"blk": B.FEATURE_NAMES, "net": N.FEATURE_NAMES,
                         "console": CON.FEATURE_NAMES}
@@ -49,7 +50,8 @@ def build_summary(*, topo: Topology, layout: RunLayout, stats: StatsRegion, sour
             negotiated = requested if drec["status"] & (S.FEATURES_OK | S.DRIVER_OK) else 0
             queues = []
             for i, rec in enumerate(layout.queue_records[(vname, dname)]):
-                q = snapshot(stats.queue(rec), Q)
+                qrec = stats.queue(rec)
+                q = snapshot(qrec, Q)
                 queues.append({
                     "index": i, "ring": "packed" if q["ring"] else "split",
                     "size": q["size"] or dev.queue_size,
@@ -64,6 +66,8 @@ def build_summary(*, topo: Topology, layout: RunLayout, stats: StatsRegion, sour
                     "bytes_read": q["bytes_read"], "bytes_written": q["bytes_written"],
                     "descriptors": q["descs_added"], "indirect": q["indirect_added"],
                     "missed_wakeups": q["missed"], "ring_errors": q["errors"],
+                    "free_descriptors": q["num_free"],
+                    "latency": latency(histogram(qrec), q["lat_every"]),
                 })
             errors = hd.get("errors", [])
             totals["device_errors"] += len(errors)
@@ -81,6 +85,7 @@ def build_summary(*, topo: Topology, layout: RunLayout, stats: StatsRegion, sour
                           "total": drec["exits_read"] + drec["exits_write"]},
                 "interrupts": hd.get("interrupts", 0),
                 "config_interrupts": drec["config_interrupts"],
+                "config_changes": drec["config_changed"],
                 "errors": errors,
                 "guest_errors": hd.get("guest_errors", []),
                 "queues": queues,
@@ -134,6 +139,21 @@ def build_summary(*, topo: Topology, layout: RunLayout, stats: StatsRegion, sour
             "totals": totals, "problems": list(problems)}
 
 
+def latency(hist: list[int], every: int) -> dict[str, Any]:
+    """A queue's latency (add_sgs to get_buf) from its sampled log2 histogram."""
+    def us(q: float) -> float | None:
+        ns = percentile_ns(hist, q)
+        return None if ns is None else round(ns / 1e3, 2)
+    return {"samples": sum(hist), "sampled_every": every, "p50_us": us(0.5),
+            "p99_us": us(0.99), "histogram_log2_ns": hist}
+
+
+def _us(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.0f}µs" if x < 1000 else f"{x / 1000:.1f}ms"
+
+
 def _n(x: int) -> str:
     return f"{x:,}"
 
@@ -158,14 +178,16 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
                      f"({dev['exits']['read']:,} reads, {dev['exits']['write']:,} writes)")
             t = Table(title=title, title_justify="left", expand=False)
             for col in ("queue", "ring", "size", "added", "used", "in flight",
-                        "kicks sent / suppr.", "irqs sent / suppr.", "read", "written"):
+                        "kicks sent / suppr.", "irqs sent / suppr.", "read", "written",
+                        "p50 / p99"):
                 t.add_column(col, justify="right")
             for q in dev["queues"]:
                 t.add_row(str(q["index"]), q["ring"], str(q["size"]), _n(q["added"]),
                           _n(q["used"]), _n(q["in_flight"]),
                           f"{_n(q['kicks'])} / {_n(q['kicks_suppressed'])}",
                           f"{_n(q['interrupts'])} / {_n(q['interrupts_suppressed'])}",
-                          _bytes(q["bytes_read"]), _bytes(q["bytes_written"]))
+                          _bytes(q["bytes_read"]), _bytes(q["bytes_written"]),
+                          f"{_us(q['latency']['p50_us'])} / {_us(q['latency']['p99_us'])}")
             console.print(t)
             console.print(f"  features: {' '.join(dev['features']) or '(none negotiated)'}")
             if dev.get("irq_mode"):
