@@ -94,10 +94,17 @@ def run(config: str | None, duration: float | None, json_path: str | None, quiet
               help="Rounds; each runs every case and its baseline, the median is reported.")
 @click.option("--matrix", is_flag=True,
               help="Also run split and packed rings with and without in-order and event idx.")
+@click.option("--stats-cost", is_flag=True,
+              help="Instead: 4 KiB reads with live stats off, on, and with the dashboard "
+                   "drawn at 4 and 10 Hz (what observing a run costs it).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
               metavar="FILE", help="Write the results as JSON to FILE.")
-def bench(seconds: float, rounds: int, matrix: bool, json_path: str | None) -> None:
+def bench(seconds: float, rounds: int, matrix: bool, stats_cost: bool,
+          json_path: str | None) -> None:
     """Measure vmsim against a multiprocessing.Pipe + msgpack baseline in the same run."""
+    if stats_cost:
+        from vmsim.bench.stats_cost import run_stats_cost
+        sys.exit(run_stats_cost(seconds, rounds, json_path))
     from vmsim.bench.runner import run_bench
     sys.exit(run_bench(seconds, json_path, rounds, matrix))
 
