@@ -234,6 +234,7 @@ def test_keys(fake):
         assert not key(b"1") and dash.ui.focus == 1
         assert not key(b"9") and dash.ui.focus == 1        # no ninth VM
         assert not key(b"\x1b") and dash.ui.focus == 0
+        assert not key(b"\x1b[1;5C") and dash.ui.focus == 0    # ctrl-right: ignored whole
         assert not key(b"p") and dash.ui.paused
         n = len(dash.hist.samples)
         dash.tick()

@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 
 from vmsim.launcher.defaults import DEFAULT_TOPOLOGY
+from vmsim.launcher.live import foreground
 from vmsim.launcher.run import LaunchError, Run, sweep_stale_runs
 from vmsim.launcher.summary import render_summary
 from vmsim.launcher.topology import TopologyError, load_topology, load_topology_file
@@ -69,7 +70,7 @@ def run(config: str | None, duration: float | None, json_path: str | None, quiet
                 _fail(f"{opt}: directory {parent} does not exist")
     if stats_every is not None and stats_file is None:
         _fail("--stats-every needs --stats-file FILE")
-    dashboard = not (quiet or no_dashboard) and sys.stdout.isatty()
+    dashboard = not (quiet or no_dashboard) and foreground(sys.stdout.fileno())
     try:
         result = Run(topo, source, config_dir, duration=duration, progress=not quiet,
                      dashboard=dashboard, refresh_hz=refresh, stats_file=stats_file,

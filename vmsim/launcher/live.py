@@ -28,6 +28,18 @@ from vmsim.launcher.statsread import RunReader
 DEFAULT_HZ = 4.0
 
 
+def foreground(fd: int) -> bool:
+    """Whether `fd` is a terminal whose foreground process group is ours. A background job
+    (`vmsim run ... &`) that read keys or changed the terminal's mode would be stopped by
+    SIGTTIN / SIGTTOU; it gets no dashboard."""
+    if not os.isatty(fd):
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:             # a terminal, but not ours to control: no job control applies
+        return True
+
+
 class LiveDashboard:
     def __init__(self, manifest: dict[str, Any], reader: RunReader, hz: float = DEFAULT_HZ,
                  console: Console | None = None, stdin_fd: int | None = 0) -> None:
@@ -41,7 +53,7 @@ class LiveDashboard:
         self.ui = UiState()
         self.hist = History()
         self.targets = focus_targets(manifest)
-        self.stdin_fd = stdin_fd if stdin_fd is not None and os.isatty(stdin_fd) else None
+        self.stdin_fd = stdin_fd if stdin_fd is not None and foreground(stdin_fd) else None
         self._saved_tty: list | None = None
         self._live: Live | None = None
         self.frames = 0
@@ -80,14 +92,17 @@ class LiveDashboard:
             self.stdin_fd = None
             return False
         quit_ = False
+        vms = [k for k, t in enumerate(self.targets) if len(t) == 1]
         i = 0
         while i < len(data):
-            if data.startswith(b"\x1b[Z", i):            # shift-tab
-                self.ui.focus = (self.ui.focus - 1) % len(self.targets)
-                i += 3
-                continue
-            if data.startswith(b"\x1b[", i):             # other escape sequences: ignored
-                i += 3
+            if data.startswith(b"\x1b[", i):
+                # A CSI sequence (arrows, shift-tab, ...): parameters, then one final byte.
+                j = i + 2
+                while j < len(data) and 0x20 <= data[j] <= 0x3F:
+                    j += 1
+                if data[j:j + 1] == b"Z":                    # shift-tab
+                    self.ui.focus = (self.ui.focus - 1) % len(self.targets)
+                i = j + 1
                 continue
             ch = data[i:i + 1]
             i += 1
@@ -99,11 +114,8 @@ class LiveDashboard:
                 self.ui.focus = (self.ui.focus + 1) % len(self.targets)
             elif ch in (b"0", b"\x1b"):
                 self.ui.focus = 0
-            elif ch.isdigit():
-                vm = [i for i, t in enumerate(self.targets) if len(t) == 1]
-                n = int(ch) - 1
-                if n < len(vm):
-                    self.ui.focus = vm[n]
+            elif ch.isdigit() and int(ch) - 1 < len(vms):
+                self.ui.focus = vms[int(ch) - 1]
         self.draw()
         return quit_
 

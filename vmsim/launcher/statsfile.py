@@ -45,6 +45,7 @@ def stats_line(manifest: dict[str, Any], cur: Sample, prev: Sample | None, t: fl
                 "used_idx": rs.used_idx if rs else None,
                 "added": c["added"], "used": c["used"],
                 "in_flight": c["added"] - c["completed"] - c["detached"],
+                "device_in_flight": c["dev_in_flight"],
                 "free_descriptors": c["num_free"],
                 "kicks": c["kicks"], "kicks_suppressed": c["kicks_suppressed"],
                 "interrupts": c["interrupts"],
