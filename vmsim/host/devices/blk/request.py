@@ -5,6 +5,15 @@ The device may not assume any framing (VERSION_1 / ANY_LAYOUT): the 16-byte head
 split over descriptors and the status byte is the last writable byte. The common layout
 (header alone, one data buffer, status alone) takes a short path that reads the header with
 two native loads and moves the data with one copy between the backend and guest RAM.
+
+Everything in the chain is the guest's and untrusted. A request the device can answer is
+answered, bad or not: VIRTIO_BLK_S_IOERR for a header missing or short, data in the wrong
+direction for its type (a read's data must be device-writable, a write's device-readable:
+the device would otherwise read nothing and report success), a length that is not a whole
+number of sectors, sectors past the capacity, more segments than seg_max, a write to a
+read-only disk; VIRTIO_BLK_S_UNSUPP for a type the device does not know (spec 5.2.6.1). Each
+is counted under its reason (BlkMetrics). Only a request with no writable byte for its
+status cannot be answered: that is a device error (RingError, virtio_error).
 """
 
 from vmsim.abi import blk as B
@@ -58,20 +67,16 @@ class BlkRequestHandler:
         elif chain.rlen >= HDR:
             typ, _ioprio, sector = B.OUTHDR.unpack(chain.read_bytes(0, HDR))
         else:
-            self.metrics.io_errors += 1
-            ram[status_at] = S_IOERR
-            return 1
+            return self._ioerr(status_at, "bad_header")
 
         if typ == T_IN:
             length = chain.wlen - 1
             nsegs = len(w_off) - (w_len[-1] == 1)
             pos = sector << SHIFT
-            # data length a multiple of 512, within capacity, within seg_max segments
-            if length & SECTOR_MASK or pos + length > self.capacity_bytes \
+            # the data device-writable, a multiple of 512, within capacity and seg_max
+            if chain.rlen != HDR or length & SECTOR_MASK or pos + length > self.capacity_bytes \
                     or nsegs > self.seg_max:
-                self.metrics.io_errors += 1
-                ram[status_at] = S_IOERR
-                return 1
+                return self._refuse(status_at, chain.rlen != HDR, length, pos)
             try:
                 if nsegs == 1 and w_len[-1] == 1:
                     mem = self.backend.mem
@@ -83,9 +88,7 @@ class BlkRequestHandler:
                 else:
                     self.backend.read_into(pos, chain.writable_views(0, length))
             except OSError:
-                self.metrics.io_errors += 1
-                ram[status_at] = S_IOERR
-                return 1
+                return self._ioerr(status_at, "backend_errors")
             m = self.metrics
             m.reads += 1
             m.bytes_read += length
@@ -101,16 +104,12 @@ class BlkRequestHandler:
                 nsegs = len(chain.readable_views(HDR, length))
                 simple = False
             if self.readonly:
-                self.metrics.io_errors += 1
-                ram[status_at] = S_IOERR
-                return 1
+                return self._ioerr(status_at, "readonly_writes")
             pos = sector << SHIFT
-            # data length a multiple of 512, within capacity, within seg_max segments
-            if length & SECTOR_MASK or pos + length > self.capacity_bytes \
+            # the data device-readable, a multiple of 512, within capacity and seg_max
+            if chain.wlen != 1 or length & SECTOR_MASK or pos + length > self.capacity_bytes \
                     or nsegs > self.seg_max:
-                self.metrics.io_errors += 1
-                ram[status_at] = S_IOERR
-                return 1
+                return self._refuse(status_at, chain.wlen != 1, length, pos)
             try:
                 if simple:
                     mem = self.backend.mem
@@ -122,9 +121,7 @@ class BlkRequestHandler:
                 elif length:
                     self.backend.write_from(pos, chain.readable_views(HDR, length))
             except OSError:
-                self.metrics.io_errors += 1
-                ram[status_at] = S_IOERR
-                return 1
+                return self._ioerr(status_at, "backend_errors")
             m = self.metrics
             m.writes += 1
             m.bytes_written += length
@@ -135,9 +132,7 @@ class BlkRequestHandler:
             try:
                 self.backend.flush()
             except OSError:
-                self.metrics.io_errors += 1
-                ram[status_at] = S_IOERR
-                return 1
+                return self._ioerr(status_at, "backend_errors")
             self.metrics.flushes += 1
             ram[status_at] = S_OK
             return 1
@@ -153,3 +148,21 @@ class BlkRequestHandler:
         self.metrics.unsupported += 1
         ram[status_at] = S_UNSUPP
         return 1
+
+    def _ioerr(self, status_at: int, reason: str) -> int:
+        """Answer VIRTIO_BLK_S_IOERR, counted under `reason` (a BlkMetrics field)."""
+        m = self.metrics
+        m.io_errors += 1
+        setattr(m, reason, getattr(m, reason) + 1)
+        self.ram[status_at] = S_IOERR
+        return 1
+
+    def _refuse(self, status_at: int, misdirected: bool, length: int, pos: int) -> int:
+        """A read or write the checks refused: IOERR under the first reason that applies."""
+        if misdirected:
+            return self._ioerr(status_at, "bad_direction")
+        if length & SECTOR_MASK:
+            return self._ioerr(status_at, "bad_length")
+        if pos + length > self.capacity_bytes:
+            return self._ioerr(status_at, "out_of_range")
+        return self._ioerr(status_at, "too_many_segments")
