@@ -1,8 +1,21 @@
 """Where a virtio-blk device keeps its data: a raw image file, or memory."""
 
+import errno
 import mmap
 import os
 from collections.abc import Sequence
+
+
+def _iov_max() -> int:
+    """The most buffers one preadv / pwritev takes (1024 on Linux)."""
+    try:
+        n = os.sysconf("SC_IOV_MAX")
+    except (ValueError, OSError):
+        n = -1
+    return n if n > 0 else 1024
+
+
+IOV_MAX = _iov_max()
 
 
 class BlkBackend:
@@ -60,8 +73,16 @@ class FileBackend(BlkBackend):
         self.description = f"file {path}"
 
     def read_into(self, offset: int, bufs: Sequence[memoryview]) -> int:
-        n = os.preadv(self.fd, bufs, offset)
         want = sum(len(b) for b in bufs)
+        n = 0
+        # preadv takes at most IOV_MAX buffers; a request may have more (seg_max is the
+        # queue size less two, as QEMU sets it)
+        for k in range(0, len(bufs), IOV_MAX):
+            part = bufs[k:k + IOV_MAX]
+            got = os.preadv(self.fd, part, offset + n)
+            n += got
+            if got < sum(len(b) for b in part):
+                break
         if n < want:
             # Past the end of the file (it shrank under us): zeros, as a sparse image reads.
             skip = n
@@ -74,7 +95,14 @@ class FileBackend(BlkBackend):
         return want
 
     def write_from(self, offset: int, bufs: Sequence[memoryview]) -> int:
-        return os.pwritev(self.fd, bufs, offset)
+        done = 0
+        for k in range(0, len(bufs), IOV_MAX):
+            part = bufs[k:k + IOV_MAX]
+            n = os.pwritev(self.fd, part, offset + done)
+            done += n
+            if n < sum(len(b) for b in part):
+                raise OSError(errno.EIO, f"short write at {offset + done}")
+        return done
 
     def flush(self) -> None:
         os.fsync(self.fd)
