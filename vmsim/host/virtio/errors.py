@@ -33,6 +33,9 @@ class Reason(Enum):
     USED_FLAG_BY_DRIVER = "a descriptor the device has not used carries the device's used flags"
     INDIRECT_IN_CHAIN = "an INDIRECT descriptor inside a chain of several (packed)"
     MALFORMED_REQUEST = "a request the device cannot answer (no room for its status)"
+    NET_HEADER_SHORT = "a virtio-net buffer has no room for the virtio-net header"
+    WRONG_DIRECTION = "a buffer in the wrong direction for its queue"
+    CONTROL_MALFORMED = "a control command without its class and command, or its ack byte"
 
 
 class RingError(Exception):

@@ -52,7 +52,7 @@ from vmsim.host.devices.console.request import (
 from vmsim.host.memory import GuestMemory
 from vmsim.host.virtio.chain import DescChain
 from vmsim.host.virtio.device import QueueState, VirtioDevice
-from vmsim.host.virtio.errors import RingError
+from vmsim.host.virtio.errors import Reason, RingError
 from vmsim.host.virtio.queue import DeviceQueue
 
 log = logging.getLogger("vmsim.host")
@@ -61,6 +61,7 @@ RING_FEATURES = (F.bit(F.VIRTIO_F_VERSION_1) | F.bit(F.VIRTIO_RING_F_INDIRECT_DE
                  | F.bit(F.VIRTIO_RING_F_EVENT_IDX) | F.bit(F.VIRTIO_F_RING_RESET))
 # Control messages to the driver kept while it has posted no control receive buffer.
 CONTROL_BACKLOG = 1024
+WRONG = Reason.WRONG_DIRECTION.value
 
 
 class ConsoleDevice(VirtioDevice):
@@ -198,8 +199,8 @@ class ConsoleDevice(VirtioDevice):
         while chains := ring.pop_batch(64):
             for c in chains:
                 if c.rlen:
-                    self.virtio_error(f"queue {q.index}: a device-readable buffer in a "
-                                      f"receiveq (head {c.head}, {c.rlen} bytes)", q)
+                    self.virtio_error(f"queue {q.index}: {WRONG}: a device-readable buffer in "
+                                      f"a receiveq (head {c.head}, {c.rlen} bytes)", q)
                     return False
             held.extend(chains)
         return True
@@ -215,8 +216,8 @@ class ConsoleDevice(VirtioDevice):
         while chains := ring.pop_batch(64):
             for c in chains:
                 if c.wlen:
-                    self.virtio_error(f"queue {q.index}: a device-writable buffer in a "
-                                      f"transmitq (head {c.head}, {c.wlen} bytes)", q)
+                    self.virtio_error(f"queue {q.index}: {WRONG}: a device-writable buffer in "
+                                      f"a transmitq (head {c.head}, {c.wlen} bytes)", q)
                     return n
             for c in chains:
                 self._to_backend(p, read_transmit(c))
@@ -372,8 +373,8 @@ class ConsoleDevice(VirtioDevice):
         while chains := ring.pop_batch(16):
             for c in chains:
                 if c.wlen:
-                    self.virtio_error(f"queue {q.index}: a device-writable buffer in the "
-                                      f"control transmitq (head {c.head})", q)
+                    self.virtio_error(f"queue {q.index}: {WRONG}: a device-writable buffer in "
+                                      f"the control transmitq (head {c.head})", q)
                     return n
             msgs = [c.read_bytes(0, min(c.rlen, CONTROL_READ_MAX)) for c in chains]
             ring.fill_batch(chains, [0] * len(chains))

@@ -8,6 +8,7 @@ VIRTIO_NET_F_MRG_RXBUF, num_buffers in the first header). A frame that finds no 
 in a short backlog until the driver posts some.
 """
 
+import logging
 import zlib
 from collections import deque
 from typing import Any
@@ -19,6 +20,8 @@ from vmsim.host.devices.net.backend import Meta, NetBackend
 from vmsim.host.devices.net.config import build_config
 from vmsim.host.devices.net.metrics import NetMetrics
 from vmsim.host.devices.net.request import (
+    CONTROL_MAX,
+    TX_FRAME_MAX,
     BadCommand,
     complete_checksum,
     parse_mac_table,
@@ -37,6 +40,7 @@ NET_FEATURES = (F.bit(N.VIRTIO_NET_F_MAC) | F.bit(N.VIRTIO_NET_F_STATUS)
                 | F.bit(N.VIRTIO_NET_F_CTRL_RX) | F.bit(N.VIRTIO_NET_F_CTRL_MAC_ADDR)
                 | F.bit(N.VIRTIO_NET_F_CSUM) | F.bit(N.VIRTIO_NET_F_GUEST_CSUM))
 BACKLOG = 256
+log = logging.getLogger("vmsim.host")
 
 
 class NetDevice(VirtioDevice):
@@ -135,10 +139,13 @@ class NetDevice(VirtioDevice):
         csum_ok = self.negotiated(N.VIRTIO_NET_F_CSUM)
         while chains := ring.pop_batch(64):
             for chain in chains:
+                if chain.rlen > N.HDR_SIZE + TX_FRAME_MAX:
+                    m.tx_dropped_oversize += 1       # refused unread
+                    continue
                 try:
                     (flags, _gso, _hl, _gs, cstart, coff, _nb), frame = read_tx(chain)
                 except ValueError as e:
-                    raise RingError(Reason.MALFORMED_REQUEST, str(e)) from None
+                    raise RingError(Reason.NET_HEADER_SHORT, str(e)) from None
                 meta = None
                 if flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM:
                     if not csum_ok:
@@ -181,6 +188,11 @@ class NetDevice(VirtioDevice):
             n = self._deliver(q, ring)
         except RingError as e:
             self.virtio_error(f"queue {q.index}: {e}", q)
+            return
+        except Exception as e:  # a host bug: stop this device, not the sender's (as service)
+            log.exception("%s: queue %d: internal error", self.name, q.index)
+            self.virtio_error(f"queue {q.index}: internal device error: "
+                              f"{type(e).__name__}: {e}", q)
             return
         if n and ring.need_notify() and self.transport is not None:
             self.transport.signal_used(q.index)
@@ -232,8 +244,17 @@ class NetDevice(VirtioDevice):
                 got = ring.pop_batch(1)
                 if not got:
                     break
-                chains.append(got[0])
-                room += got[0].wlen
+                c = got[0]
+                # QEMU: "receive queue contains no in buffers"; with MRG_RXBUF each buffer
+                # must hold at least the header (a driver requirement, spec 5.1.6.3.1).
+                if not c.wlen:
+                    raise RingError(Reason.WRONG_DIRECTION,
+                                    f"receive buffer {c.head} has no device-writable byte")
+                if mergeable and c.wlen < N.HDR_SIZE:
+                    raise RingError(Reason.NET_HEADER_SHORT,
+                                    f"a mergeable receive buffer of {c.wlen} bytes")
+                chains.append(c)
+                room += c.wlen
                 if not mergeable:
                     break
             if room < need:
@@ -271,11 +292,13 @@ class NetDevice(VirtioDevice):
         while chains := ring.pop_batch(16):
             for chain in chains:
                 if chain.wlen < 1 or chain.rlen < 2:
-                    raise RingError(Reason.MALFORMED_REQUEST,
+                    raise RingError(Reason.CONTROL_MALFORMED,
                                     f"control command of {chain.rlen} + {chain.wlen} bytes")
-                data = chain.read_bytes(0, chain.rlen)
+                data = chain.read_bytes(0, min(chain.rlen, CONTROL_MAX))
                 m.ctrl_commands += 1
                 try:
+                    if chain.rlen > CONTROL_MAX:
+                        raise BadCommand(f"{chain.rlen} bytes, longer than any command")
                     self._command(data[0], data[1], data[2:])
                     ack = N.VIRTIO_NET_OK
                 except BadCommand as e:

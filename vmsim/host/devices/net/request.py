@@ -7,6 +7,14 @@ import struct
 from vmsim.abi import net as N
 from vmsim.host.virtio.chain import DescChain
 
+# The largest frame a driver can ask the device to send: a 64 KiB (GSO) packet with its
+# Ethernet and VLAN headers. A transmit buffer longer than the header and this is refused
+# before a byte of it is read: a chain may name up to 4 GiB of guest RAM.
+TX_FRAME_MAX = 65535 + N.ETH_HLEN + 4
+# The longest control command: class, command and two MAC tables of 1024 entries each
+# (parse_mac_table's limit). A longer one is refused unread.
+CONTROL_MAX = 2 + 2 * (4 + 6 * 1024)
+
 
 class BadCommand(Exception):
     """A control command the device answers with VIRTIO_NET_ERR."""
@@ -14,7 +22,7 @@ class BadCommand(Exception):
 
 def read_tx(chain: DescChain) -> tuple[tuple[int, int, int, int, int, int, int], bytes]:
     """The virtio-net header and the frame of a transmit chain (the driver may split them
-    over descriptors any way it likes)."""
+    over descriptors any way it likes); the caller has checked rlen against TX_FRAME_MAX."""
     data = chain.read_bytes(0, chain.rlen)
     if len(data) < N.HDR_SIZE:
         raise ValueError(f"a transmit buffer of {len(data)} bytes has no room for the "
