@@ -12,7 +12,7 @@ from typing import Protocol
 from vmsim.abi import features as F
 from vmsim.abi import status as S
 from vmsim.host.memory import GuestMemory
-from vmsim.host.virtio.errors import RingError
+from vmsim.host.virtio.errors import Reason, RingError
 from vmsim.host.virtio.queue import DeviceQueue
 from vmsim.host.virtio.queue_packed import PackedQueue
 from vmsim.host.virtio.queue_split import SplitQueue
@@ -259,6 +259,9 @@ class VirtioDevice:
         packed = self.negotiated(F.VIRTIO_F_RING_PACKED)
         cls = PackedQueue if packed else SplitQueue
         try:
+            if q.num > q.num_max:       # the driver picks a size up to the device's maximum
+                raise RingError(Reason.INVALID_RING_SIZE,
+                                f"size {q.num}, the queue's maximum {q.num_max}")
             q.ring = cls(self.mem, q.num, q.desc, q.driver, q.device,
                          event_idx=self.negotiated(F.VIRTIO_RING_F_EVENT_IDX),
                          indirect=self.negotiated(F.VIRTIO_RING_F_INDIRECT_DESC),
