@@ -135,8 +135,7 @@ class SplitQueue(DeviceQueue):
                         t = a0 - base
                         if 0 <= t <= size - 48:
                             a0, l0, f0, n0, a1, l1, f1, n1, a2, l2, f2, _ = unpack3(ram, t)
-                            first = 1
-                            ndescs = 4
+                            first = 1     # (ndescs: the table's entries, as _walk counts)
                     o0 = a0 - base
                     o1 = a1 - base
                     o2 = a2 - base
