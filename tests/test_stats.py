@@ -220,7 +220,7 @@ def test_latency_is_sampled_and_each_side_writes_only_its_words(ring):
         changed = {i for i in range(RECORD_WORDS) if rec[i] != 0xDEAD} - before
         assert changed <= DEVICE_WORDS, sorted(changed - DEVICE_WORDS)
         assert rec[Q.USED] == n and rec[Q.BYTES_WRITTEN] == 8 * n and rec[Q.DEV_IN_FLIGHT] == 0
-        # sampling off: no more samples; a buffer detached unused leaves no stale stamp
+        # sampling off: no more samples
         rig.vq.stop_sampling()
         for _ in range(n):
             assert rig.add()
@@ -228,6 +228,14 @@ def test_latency_is_sampled_and_each_side_writes_only_its_words(ring):
             assert rig.vq.get_buf() is not None
         rig.vq.publish_stats()
         assert sum(histogram(rec)) == n // LATENCY_SAMPLE_EVERY
+        # a buffer taken back unused leaves no stamp for the next user of its ID
+        rig.vq.lat_mask = LATENCY_SAMPLE_EVERY - 1
+        for _ in range(LATENCY_SAMPLE_EVERY):
+            assert rig.add()
+        assert any(rig.vq.lat_t)
+        while rig.vq.detach_unused_buf() is not None:
+            pass
+        assert not any(rig.vq.lat_t)
     finally:
         rig.close()
 

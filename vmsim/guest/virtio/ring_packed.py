@@ -301,6 +301,7 @@ class PackedVirtqueue(Virtqueue):
         skip += self.desc_num[bid]
         t = self.lat_t[bid]
         if t:
+            self.lat_t[bid] = 0
             self.lat_hist[(monotonic_ns() - t).bit_length()] += 1
         self._detach_buf(bid)
         pos += skip
@@ -319,12 +320,12 @@ class PackedVirtqueue(Virtqueue):
     def _sample_latency(self, bid: int) -> None:
         t = self.lat_t[bid]
         if t:
+            self.lat_t[bid] = 0
             self.lat_hist[(monotonic_ns() - t).bit_length()] += 1
 
     def _detach_buf(self, bid: int) -> None:
         """detach_buf_packed: the ID back on the free list, its ring slots free again."""
         self.desc_data[bid] = None
-        self.lat_t[bid] = 0
         self.id_next[bid] = self.free_head
         self.free_head = bid
         self.num_free += self.desc_num[bid]
@@ -392,6 +393,7 @@ class PackedVirtqueue(Virtqueue):
             if data is None:
                 continue
             self._detach_buf(bid)
+            self.lat_t[bid] = 0                 # never used: not a latency
             self.n_detached += 1
             if bid in self._inflight_ids:
                 self._inflight_ids.remove(bid)

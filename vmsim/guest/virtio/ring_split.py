@@ -341,7 +341,6 @@ class SplitVirtqueue(Virtqueue):
         free descriptors are always the ring-order run after the in-flight ones: no links
         change."""
         self.desc_data[head] = None
-        self.lat_t[head] = 0
         if not self.in_order:
             self.desc_next[self.desc_last[head]] = self.free_head
             self.free_head = head
@@ -415,6 +414,7 @@ class SplitVirtqueue(Virtqueue):
             if data is None:
                 continue
             self._detach_buf(head)
+            self.lat_t[head] = 0                # never used: not a latency
             if self.in_order and head in self._inflight_heads:
                 self._inflight_heads.remove(head)
             # "That's not really used": take the entry back off the avail ring.
