@@ -949,14 +949,31 @@ def _find_split_ring(ram: mmap.mmap, num: int) -> int:
     raise AssertionError("no split ring found in guest RAM")
 
 
+def _corrupt(ram: mmap.mmap, how: str) -> None:
+    """Write vm1's idle ring as a hostile guest would: avail idx far past the ring, or a new
+    chain whose buffer address overflows."""
+    num = 64
+    off = _find_split_ring(ram, num)
+    idx_at = off + 16 * num + 2
+    idx = struct.unpack_from("<H", ram, idx_at)[0]
+    if how == "avail-idx":
+        struct.pack_into("<H", ram, idx_at, (idx + 1000) & 0xFFFF)
+        return
+    struct.pack_into("<QIHH", ram, off, U64 - 7, 16, 0, 0)          # descriptor 0
+    struct.pack_into("<H", ram, off + 16 * num + 4 + 2 * (idx % num), 0)
+    struct.pack_into("<H", ram, idx_at, (idx + 1) & 0xFFFF)
+
+
 @pytest.mark.multiprocess
 @pytest.mark.timeout(90)
-def test_another_vm_keeps_running_under_vmsim_run(tmp_path):
+@pytest.mark.parametrize("how,reason", [("avail-idx", Reason.INVALID_AVAIL_IDX),
+                                        ("address", Reason.ADDRESS_OUT_OF_RANGE)])
+def test_another_vm_keeps_running_under_vmsim_run(tmp_path, how, reason):
     """Two VMs, each with a disk and a verifying workload. Once vm1's workload has finished
-    (its ring idle), its guest RAM is written from outside - avail idx far past the ring, as
-    a hostile guest would write it - and its device kicked by the host's safety-net poll:
-    vm1's device reports INVALID_AVAIL_IDX (NEEDS_RESET), while vm0's workload keeps
-    verifying data with no error, the host survives, and the run ends cleanly."""
+    (its ring idle), its guest RAM is written from outside as a hostile guest would write it,
+    and the host's loop finds the work on its next pass: vm1's device reports the reason
+    (NEEDS_RESET), while vm0's workload keeps verifying data with no error, the host
+    survives, and the run ends cleanly."""
     from test_run import Launch, write_yaml
 
     topo = write_yaml(tmp_path, TWO_VMS)
@@ -979,10 +996,7 @@ def test_another_vm_keeps_running_under_vmsim_run(tmp_path):
         finally:
             os.close(fd)
         try:
-            off = _find_split_ring(ram, 64)
-            avail_idx_at = off + 16 * 64 + 2
-            idx = struct.unpack_from("<H", ram, avail_idx_at)[0]
-            struct.pack_into("<H", ram, avail_idx_at, (idx + 1000) & 0xFFFF)
+            _corrupt(ram, how)
         finally:
             ram.close()
         rc = run.wait(60)
@@ -992,7 +1006,7 @@ def test_another_vm_keeps_running_under_vmsim_run(tmp_path):
     summary = json.loads(Path(out).read_text())
     vm0, vm1 = summary["vms"]["vm0"], summary["vms"]["vm1"]
     errs = vm1["devices"]["vda"]["errors"]
-    assert errs and Reason.INVALID_AVAIL_IDX.value in errs[0], errs
+    assert errs and reason.value in errs[0], errs
     assert "NEEDS_RESET" in vm1["devices"]["vda"]["status"]
     assert not vm0["devices"]["vda"]["errors"]
     w0 = summary["workloads"]["vm0.verify"]
