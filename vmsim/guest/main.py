@@ -22,6 +22,7 @@ from vmsim.guest.drivers.blk import BlkDriver
 from vmsim.guest.drivers.console import ConsoleDriver
 from vmsim.guest.drivers.net import NetDriver
 from vmsim.guest.memory import DmaMemory, GuestRAM
+from vmsim.guest.ops import GuestOps, OpError
 from vmsim.guest.pci import scan_bus
 from vmsim.guest.platform import IrqController, Platform
 from vmsim.guest.virtio.ccw import CcwProbeError, VirtioCcw
@@ -42,6 +43,8 @@ log = logging.getLogger("vmsim.guest")
 
 WORKLOADS: dict[str, type] = {"blk-verify": BlkVerify, "blk-bench": BlkBench, **NET_WORKLOADS,
                               "console-app": ConsoleApp}
+# Workloads that only answer what comes to them: started first in every VM.
+PASSIVE_WORKLOADS = frozenset({"net-echo", "net-sink", "net-responder", "console-app"})
 DRAIN_TIMEOUT_S = 5.0
 PUBLISH_EVERY_MS = 100
 
@@ -69,6 +72,11 @@ class Guest:
         self.driver_info: dict[str, dict] = {}   # device -> its driver's state at the end
         self.workloads: list[Workload] = []
         self.eventfds: list[EventFd] = []
+        self.ops = GuestOps(self)
+        self.pci_bus: dict[str, Any] | None = None
+        self.deferred: dict[str, tuple[Any, dict[str, Any], Any]] = {}
+        self._workloads_made = False
+        self._started: list[Workload] = []
         # Off (a benchmark measuring what stats cost): queue counters reach the stats region
         # only at the end, and no request is timed.
         self.live_stats = bool(spec.get("live_stats", True))
@@ -172,14 +180,21 @@ class Guest:
             else:
                 self.bound[name] = vdev.driver.name
 
-    def _probe_pci(self, bus: dict[str, Any]) -> None:
-        """Enumerate the PCI bus through its ECAM window and probe each virtio function; the
-        firmware tables name the slots."""
+    def _probe_pci(self, bus: dict[str, Any]) -> list[str]:
+        """Enumerate the PCI bus through its ECAM window and probe each virtio function not
+        yet probed (at boot, and on a rescan after a hot-plug); the firmware tables name the
+        slots. The names of the devices found."""
+        self.pci_bus = bus
         names = {f["slot"]: f["name"] for f in bus.get("functions", [])}
+        found = []
         for pdev in scan_bus(self.platform, bus["ecam"], bus.get("bus", 0)):
             if pdev.vendor != PCI_VENDOR_ID_REDHAT_QUMRANET:
                 continue        # the host bridge, or another vendor's device
             name = names.get(pdev.slot, f"pci-{pdev.slot:02x}")
+            if name in self.devices:
+                continue        # probed before
+            found.append(name)
+            self.probe_errors.pop(name, None)
             rec = self.spec["device_records"].get(name)
             try:
                 t = virtio_pci_probe(self.platform, self.irqc, self.dma, pdev, name,
@@ -197,9 +212,39 @@ class Guest:
                 self.probe_errors[name] = vdev.probe_error or f"probe failed ({err})"
             else:
                 self.bound[name] = vdev.driver.name
+        return found
+
+    def remove_device(self, name: str) -> None:
+        """An orderly hot-unplug: the driver is removed (it resets the device and gives its
+        queues back), the function disabled; the slot may then be emptied."""
+        vdev = self.devices.pop(name)
+        t = self.transports.pop(name)
+        self.bus.unregister_device(vdev)
+        pdev = getattr(t, "pdev", None)
+        if pdev is not None:
+            pdev.disable_device()
+        self.bound.pop(name, None)
+        self.probe_errors.pop(name, None)
 
     # ---- workloads -------------------------------------------------------------------------------
-    def start_workloads(self) -> None:
+    def start_workloads(self, passive: bool = False) -> None:
+        """Make every workload, start those that only answer (passive: echo, sink, console
+        apps); called again without passive, start the rest."""
+        if not self._workloads_made:
+            self._make_workloads()
+            self._workloads_made = True
+        for wl in self.workloads:
+            if wl in self._started:
+                continue
+            if passive and wl.spec.get("type") not in PASSIVE_WORKLOADS:
+                continue
+            self._started.append(wl)
+            try:
+                wl.start()
+            except WorkloadError as e:
+                wl.fail(str(e))
+
+    def _make_workloads(self) -> None:
         if not self.live_stats:
             for vdev in self.devices.values():
                 for vq in vdev.vqs:
@@ -211,17 +256,26 @@ class Guest:
                 raise WorkloadError(f"unknown workload type {w['type']!r}")
             rec = recs.get(w["name"])
             stats = self.stats.workload(rec) if rec is not None else None
+            if not w.get("autostart", True):
+                # A scenario starts it, perhaps on a device hot-plugged meanwhile: it is
+                # made then.
+                self.deferred[w["name"]] = (cls, w, stats)
+                continue
             try:
                 wl = cls(w["name"], w, self.devices, stats, self.dma)
             except WorkloadError as e:
                 # A workload that cannot start is that workload's error, not the guest's.
                 wl = FailedWorkload(w["name"], w, self.devices, stats, str(e))
             self.workloads.append(wl)
-        for wl in self.workloads:
-            try:
-                wl.start()
-            except WorkloadError as e:
-                wl.fail(str(e))
+
+    def start_deferred(self, name: str) -> Workload:
+        """Make and start a workload that waited for a scenario; WorkloadError if it cannot."""
+        cls, w, stats = self.deferred.pop(name)
+        wl = cls(w["name"], w, self.devices, stats, self.dma)
+        self.workloads.append(wl)
+        self._started.append(wl)
+        wl.start()
+        return wl
 
     def workloads_finished(self) -> bool:
         return all(w.finished_event.is_set() for w in self.workloads)
@@ -237,6 +291,20 @@ class Guest:
                 vq.publish_stats()
 
     # ---- run -------------------------------------------------------------------------------------
+    def _op(self, msg: list) -> None:
+        """A scenario's request: ("op", id, name, args) -> ("reply", id, ok, result)."""
+        _, rid, name, args = msg
+        try:
+            result, ok = self.ops.handle(name, args or {}), True
+        except OpError as e:
+            result, ok = str(e), False
+        except (HostGone, ChannelClosed):
+            raise
+        except Exception as e:
+            log.warning("op %s failed:\n%s", name, traceback.format_exc())
+            result, ok = f"{type(e).__name__}: {e}", False
+        self.lch.send(("reply", rid, ok, result))
+
     def wait_for_stop(self) -> None:
         """Until the launcher says stop; tell it once when every workload has finished."""
         p = select.poll()
@@ -249,6 +317,8 @@ class Guest:
                     msg = self.lch.recv_obj()
                     if msg and msg[0] == "stop":
                         return
+                    if msg and msg[0] == "op":
+                        self._op(msg)
                 elif ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
                     raise HostGone("the host closed this VM's trap channel")
             if isinstance(self.irqc.error, ChannelClosed):
@@ -333,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         lch.send(("booted",))
         while True:
             msg = lch.recv_obj()
+            if msg and msg[0] == "start_passive":
+                g.start_workloads(passive=True)
+                lch.send(("passive",))
+                continue
             if msg and msg[0] == "start":
                 break
             if msg and msg[0] == "stop":

@@ -25,6 +25,7 @@ from vmsim.abi import ids
 from vmsim.guest.memory import DmaMemory
 from vmsim.guest.virtio.core import VirtioDevice, VirtioDriver
 from vmsim.guest.virtio.virtqueue import ENOSPC, Sg, Virtqueue
+from vmsim.guest.virtio.vring import virtqueue_reset
 
 log = logging.getLogger("vmsim.guest")
 
@@ -44,7 +45,7 @@ class BlkRequest:
     """One request slot (a blk-mq tag with its pdu: struct virtblk_req)."""
 
     __slots__ = ("arg", "callback", "hdr", "hdr_only", "hdr_sg", "in1", "out1", "queue",
-                 "status", "status_only", "status_sg", "tag")
+                 "sgs", "status", "status_only", "status_sg", "tag")
 
     def __init__(self, tag: int, queue: "BlkQueue", gpa: int, view: memoryview) -> None:
         self.tag = tag
@@ -62,12 +63,13 @@ class BlkRequest:
         self.in1: list[Sg] = [self.status_sg, self.status_sg]
         self.callback: Callback | None = None
         self.arg: Any = None
+        self.sgs: Sequence[Sg] = ()            # the data buffers: a retry after a reset
 
 
 class BlkQueue:
     """struct virtio_blk_vq: a request queue, its lock and its free slots."""
 
-    __slots__ = ("free", "lock", "slots", "slots_gpa", "vq")
+    __slots__ = ("dead", "free", "index", "lock", "slots", "slots_gpa", "vq")
 
     def __init__(self, vq: Virtqueue) -> None:
         self.vq = vq
@@ -76,6 +78,8 @@ class BlkQueue:
         self.free: list[BlkRequest] = []
         self.slots: list[BlkRequest] = []
         self.slots_gpa = 0
+        self.index = vq.index
+        self.dead = False          # deleted by a freeze: a submitter that raced it holds
 
 
 class VirtioBlk:
@@ -95,6 +99,12 @@ class VirtioBlk:
         self._plug = threading.local()
         self.capacity_listeners: list[Callable[[int], None]] = []
         self.removed = False
+        # Suspend: requests submitted while frozen, and those the reset took back, wait here
+        # (type, sector, sgs, callback, arg, queue) and go out again on restore.
+        self.frozen = False
+        self.held: list[tuple[int, int, Sequence[Sg], Callback, Any, int]] = []
+        self._held_lock = threading.Lock()
+        self.retried = 0
 
     # ---- setup (virtblk_probe) -------------------------------------------------------------------
     def init(self) -> int:
@@ -152,9 +162,13 @@ class VirtioBlk:
             return EINVAL
         if typ == B.VIRTIO_BLK_T_OUT and self.readonly:
             return EROFS
+        if self.frozen:
+            return self._hold(typ, sector, sgs, callback, arg, qid)
         q = self.queues[qid]
         plugged = getattr(self._plug, "queues", None)
         with q.lock:
+            if q.dead:              # frozen since we looked
+                return self._hold(typ, sector, sgs, callback, arg, qid)
             free = q.free
             if not free:
                 return EAGAIN
@@ -164,6 +178,7 @@ class VirtioBlk:
             hdr[1] = sector
             req.callback = callback
             req.arg = arg
+            req.sgs = sgs
             vq = q.vq
             if nsg == 1:
                 if typ == B.VIRTIO_BLK_T_OUT:
@@ -299,6 +314,86 @@ class VirtioBlk:
             for kq in kicks:
                 self._kick(kq)
 
+    # ---- suspend and resume (virtblk_freeze / virtblk_restore) ----------------------------------
+    def _hold(self, typ: int, sector: int, sgs: Sequence[Sg], callback: Callback, arg: Any,
+              qid: int) -> int:
+        with self._held_lock:
+            if not self.frozen:         # restored meanwhile
+                return self.submit(typ, sector, sgs, callback, arg, qid)
+            self.held.append((typ, sector, sgs, callback, arg, qid))
+        return 0
+
+    def freeze(self, drain_s: float = 5.0) -> None:
+        """Stop taking requests, let the device finish what it has (up to drain_s: a broken
+        queue never will), reset it, take back what it did not use (to retry after restore),
+        delete the queues."""
+        for q in self.queues:
+            with q.lock:
+                self.frozen = True
+        self.frozen = True
+        deadline = time.monotonic() + drain_s
+        while self.in_flight() and time.monotonic() < deadline \
+                and not any(q.vq.broken for q in self.queues):
+            time.sleep(0.001)
+        self.vdev.reset_device()
+        for q in self.queues:
+            with q.lock:
+                q.dead = True
+                while (req := q.vq.detach_unused_buf()) is not None:
+                    hdr = req.hdr
+                    with self._held_lock:
+                        self.held.append((hdr[0] & 0xFFFFFFFF, hdr[1], req.sgs, req.callback,
+                                          req.arg, q.index))
+                    self.retried += 1
+                    req.callback = req.arg = None
+                    req.sgs = ()
+                    q.free.append(req)
+        self._delete_queues()
+
+    def restore(self, timeout: float = 10.0) -> int:
+        """Rebuild the queues (virtblk_probe's init again) and send what was held."""
+        err = self.init()
+        if err:
+            return err
+        with self._held_lock:
+            self.frozen = False
+            held, self.held = self.held, []
+        deadline = time.monotonic() + timeout
+        for i, (typ, sector, sgs, cb, arg, qid) in enumerate(held):
+            qid = qid if qid < len(self.queues) else 0
+            while (err := self.submit(typ, sector, sgs, cb, arg, qid)) == EAGAIN:
+                if time.monotonic() > deadline:
+                    for _t, _s, _g, cb2, arg2, _q in held[i:]:
+                        cb2(B.VIRTIO_BLK_S_IOERR, arg2)
+                    return -errno.ETIMEDOUT
+                time.sleep(0.0005)
+            if err:
+                cb(B.VIRTIO_BLK_S_IOERR, arg)
+        return 0
+
+    def reset_queue(self, qid: int) -> tuple[int, int]:
+        """Reset one queue (VIRTIO_F_RING_RESET) and send again what it had not used:
+        (0 or -errno, requests retried). The caller keeps interrupts off (the queue's
+        handler must not run meanwhile)."""
+        q = self.queues[qid]
+        back: list[BlkRequest] = []
+        with q.lock:
+            err = virtqueue_reset(q.vq, lambda _vq, req: back.append(req))
+            retry = []
+            for req in back:
+                hdr = req.hdr
+                retry.append((hdr[0] & 0xFFFFFFFF, hdr[1], req.sgs, req.callback, req.arg))
+                req.callback = req.arg = None
+                req.sgs = ()
+                q.free.append(req)
+        for typ, sector, sgs, cb, arg in retry:
+            while (e := self.submit(typ, sector, sgs, cb, arg, qid)) == EAGAIN:
+                time.sleep(0.0005)
+            if e:
+                cb(B.VIRTIO_BLK_S_IOERR, arg)
+        self.retried += len(retry)
+        return err, len(retry)
+
     # ---- teardown (virtblk_remove) ---------------------------------------------------------------
     def in_flight(self) -> int:
         return sum(len(q.slots) - len(q.free) for q in self.queues)
@@ -318,6 +413,14 @@ class VirtioBlk:
         for cb, arg in failed:
             if cb is not None:
                 cb(B.VIRTIO_BLK_S_IOERR, arg)
+        with self._held_lock:
+            held, self.held = self.held, []
+        for _t, _s, _g, cb, arg, _q in held:
+            cb(B.VIRTIO_BLK_S_IOERR, arg)
+        self._delete_queues()
+
+    def _delete_queues(self) -> None:
+        vdev = self.vdev
         vdev.config.del_vqs(vdev)
         for q in self.queues:
             if q.slots_gpa:
@@ -375,4 +478,14 @@ class BlkDriver(VirtioDriver):
         blk: VirtioBlk | None = vdev.priv
         if blk is not None and not vdev.needs_reset:
             blk.update_capacity()
+
+    def freeze(self, vdev: VirtioDevice) -> int:
+        blk: VirtioBlk | None = vdev.priv
+        if blk is not None:
+            blk.freeze()
+        return 0
+
+    def restore(self, vdev: VirtioDevice) -> int:
+        blk: VirtioBlk | None = vdev.priv
+        return blk.restore() if blk is not None else 0
 

@@ -61,6 +61,15 @@ class VirtioDriver:
     def config_changed(self, vdev: "VirtioDevice") -> None:
         pass
 
+    def freeze(self, vdev: "VirtioDevice") -> int:
+        """Quiesce and delete the queues before a suspend; 0 or -errno. A driver without
+        freeze/restore cannot be suspended."""
+        return -errno.EOPNOTSUPP
+
+    def restore(self, vdev: "VirtioDevice") -> int:
+        """Rebuild the queues after a resume (the features are negotiated again); 0 or -errno."""
+        return -errno.EOPNOTSUPP
+
 
 class VirtioDevice:
     """struct virtio_device, as a transport registers it."""
@@ -240,6 +249,41 @@ class VirtioBus:
         if not dev.config.get_status(dev) & S.DRIVER_OK:
             dev.device_ready()
         self._config_enable(dev)
+        return 0
+
+    def freeze(self, dev: VirtioDevice) -> int:
+        """virtio_device_freeze: config changes are held back, the driver quiesces."""
+        drv = dev.driver
+        if drv is None:
+            return 0
+        dev.config_enabled = False
+        err = drv.freeze(dev)
+        if err:
+            self._config_enable(dev)
+        return err
+
+    def restore(self, dev: VirtioDevice) -> int:
+        """virtio_device_restore: reset, acknowledge, negotiate the same features again, let
+        the driver rebuild its queues, DRIVER_OK."""
+        drv = dev.driver
+        dev.reset_device()
+        dev.add_status(S.ACKNOWLEDGE)
+        if drv is None:
+            return 0
+        dev.add_status(S.DRIVER)
+        err = dev.config.finalize_features(dev)
+        if not err:
+            err = self._features_ok(dev)
+        if not err:
+            dev.needs_reset = False
+            err = drv.restore(dev)
+        if err:
+            dev.add_status(S.FAILED)
+            return err
+        if not dev.config.get_status(dev) & S.DRIVER_OK:
+            dev.device_ready()
+        self._config_enable(dev)
+        dev.publish_stats()
         return 0
 
     @staticmethod

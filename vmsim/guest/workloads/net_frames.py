@@ -24,6 +24,7 @@ KIND_ECHO_REQUEST = 1
 KIND_ECHO_REPLY = 2
 KIND_STREAM = 3
 KIND_ACK = 4
+KIND_SCENARIO = 5          # single frames a scenario sends; no workload answers them
 TEST_HLEN = N.ETH_HLEN + TEST.size
 IP = struct.Struct("!BBHHHBBH4s4s")
 UDP = struct.Struct("!HHHH")
