@@ -9,6 +9,7 @@ from typing import Any
 
 from vmsim.abi.endian import require_little_endian
 from vmsim.host.loop import EventLoop
+from vmsim.host.ops import HostOps, OpError
 from vmsim.host.switch import Switch
 from vmsim.host.vm import HostVM
 from vmsim.machine import proc, shm
@@ -29,6 +30,11 @@ class Host:
         for vm in spec["vms"]:
             self.vms.append(HostVM(vm, self.stats, self.loop, self.switches))
         self.loop.add_reader(lch.fileno(), self._on_launcher)
+        self.ops = HostOps(self.vms, self._wake)
+
+    def _wake(self) -> None:
+        # an op may have changed which queues are live (a stall, a reset): look again
+        self.loop.dirty = True
 
     def _on_launcher(self, _fd: int) -> None:
         try:
@@ -38,6 +44,20 @@ class Host:
             return
         if msg and msg[0] == "stop":
             self.loop.stop()
+        elif msg and msg[0] == "op":
+            self._op(msg)
+
+    def _op(self, msg: list) -> None:
+        """A scenario's request: ("op", id, name, args) -> ("reply", id, ok, result)."""
+        _, rid, name, args = msg
+        try:
+            result, ok = self.ops.handle(name, args or {}), True
+        except OpError as e:
+            result, ok = str(e), False
+        except Exception as e:
+            log.warning("op %s failed:\n%s", name, traceback.format_exc())
+            result, ok = f"{type(e).__name__}: {e}", False
+        self.lch.send(("reply", rid, ok, result))
 
     def report(self) -> dict[str, Any]:
         return {"vms": {vm.name: vm.report() for vm in self.vms},

@@ -84,6 +84,7 @@ class PciFunction:
         self._cap_next = P.PCI_STD_HEADER_SIZEOF     # where the next capability goes
         self._cap_last = 0                           # the last capability's offset
         self.slot = -1
+        self.present = True          # False: the slot is empty (hot-unplugged, or not yet plugged)
         self._put(P.PCI_VENDOR_ID, 2, vendor)
         self._put(P.PCI_DEVICE_ID, 2, device)
         self._put(P.PCI_REVISION_ID, 1, revision)
@@ -184,6 +185,8 @@ class PciFunction:
 
     def decode_error(self, index: int) -> str:
         """Why BAR `index` does not decode now, or "" when it does."""
+        if not self.present:
+            return "the function was unplugged"
         bar = self.bars[index]
         if bar is None:
             return f"BAR {index} does not exist"
@@ -411,7 +414,8 @@ class PciHostBridge:
         bus, slot, func, reg = P.ecam_decode(offset)
         if bus != 0 or func != 0:
             return None, reg
-        return self.slots.get(slot), reg
+        fn = self.slots.get(slot)
+        return (fn if fn is not None and fn.present else None), reg
 
     def read(self, offset: int, width: int) -> int:
         self.exits += 1

@@ -51,6 +51,8 @@ class HostVM:
         for dspec in spec["devices"]:
             dev = make_device(dspec, self.mem, stats, env)
             t = make_transport(dspec.get("transport", "mmio"), dev, self.board)
+            if not dspec.get("plugged", True):
+                t.set_present(False)        # an empty slot until a scenario plugs it
             for region in t.regions():
                 (self.board.mmio if region.space == "mmio" else self.board.pio).add(region)
             self.devices.append(dev)

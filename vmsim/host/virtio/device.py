@@ -96,6 +96,9 @@ class VirtioDevice:
         self.broken = False
         self.n_resets = 0
         self.n_config_interrupts = 0
+        # A scenario's fault: a stalled device serves no queue until released (a hung
+        # backend); its requests stay in flight.
+        self.stalled = False
         self._publish_device_stats()
 
     def make_legacy(self) -> None:
@@ -295,7 +298,7 @@ class VirtioDevice:
 
     def live_queues(self) -> list[QueueState]:
         """Queues the device serves now: ready, with a ring, driver OK, not broken."""
-        if self.broken or not self.status & S.DRIVER_OK:
+        if self.broken or self.stalled or not self.status & S.DRIVER_OK:
             return []
         return [q for q in self.queues if q.ring is not None and not q.broken]
 

@@ -535,6 +535,21 @@ class PciTransport(HostTransport):
             return None
         return q
 
+    def set_present(self, present: bool) -> None:
+        """Hot-plug: the function enters or leaves its slot. A function that leaves loses
+        power: the device is reset, decoding and MSI-X are off, as at power-on when it comes
+        back (its BARs keep the addresses firmware gave them)."""
+        if not present and self.fn.present:
+            self.dev.reset()
+            self._reset()
+            self.fn._put(P.PCI_COMMAND, 2, 0)
+            if self.msix is not None:
+                cap = self.msix.cap + P.PCI_MSIX_FLAGS
+                self.fn._put(cap, 2, self.fn.get(cap, 2) & ~(P.PCI_MSIX_FLAGS_ENABLE
+                                                              | P.PCI_MSIX_FLAGS_MASKALL))
+            self._update_intx()
+        self.fn.present = present
+
     def _reset(self) -> None:
         """Device reset: every event unmapped, the ISR clear, the selectors 0."""
         self.isr = 0

@@ -182,7 +182,7 @@ class NetDevice(VirtioDevice):
         backlog.append((frame, meta))
         q = self.queues[N.rx_queue(pair)]
         ring = q.ring
-        if ring is None or q.broken or self.broken or self.rx_starved[pair]:
+        if ring is None or q.broken or self.broken or self.rx_starved[pair] or self.stalled:
             return                     # kept until the queue is set up, or has buffers
         try:
             n = self._deliver(q, ring)
