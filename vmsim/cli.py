@@ -171,3 +171,42 @@ def console(vm: str, device: str, port: str | None, run_name: str | None) -> Non
 
 if __name__ == "__main__":
     main()
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
+              metavar="FILE", help="Write a report of every scenario and step as JSON.")
+def scenario(files: tuple[str, ...], json_path: str | None) -> None:
+    """Run scenario files: a topology, steps against the live run, expected outcomes.
+    Prints a line per step and per scenario; exits 1 if any failed."""
+    from vmsim.scenario.model import ScenarioError, load_scenario
+    from vmsim.scenario.report import failure_lines, scenario_line, write_json
+    from vmsim.scenario.runner import run_scenario
+
+    loaded = []
+    for f in files:
+        try:
+            loaded.append(load_scenario(f))
+        except ScenarioError as e:
+            _fail(f"scenario error: {e}")
+    if json_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
+        _fail(f"--json: directory {os.path.dirname(os.path.abspath(json_path))} does not exist")
+
+    def log(msg: str) -> None:
+        click.echo(msg, err=False)
+
+    results = []
+    for sc in loaded:
+        click.echo(f"scenario {sc.scenario.name} ({sc.path})")
+        r = run_scenario(sc, log)
+        for line in failure_lines(r):
+            click.echo(line)
+        click.echo(scenario_line(r))
+        results.append(r)
+    if len(results) > 1:
+        ok = sum(r.ok for r in results)
+        click.echo(f"{ok} of {len(results)} scenarios passed")
+    if json_path is not None:
+        write_json(json_path, results)
+    sys.exit(0 if all(r.ok for r in results) else 1)

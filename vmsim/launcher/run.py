@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,8 @@ class Run:
                  progress_every: float = 2.0, log=None, dashboard: bool = False,
                  refresh_hz: float = 4.0, stats_file: str | None = None,
                  stats_every: float = 1.0, live_stats: bool = True,
-                 dashboard_console: Any = None) -> None:
+                 dashboard_console: Any = None,
+                 director: Callable[["Run"], None] | None = None) -> None:
         self.topo = topo
         self.source = source
         self.config_dir = config_dir
@@ -126,6 +128,11 @@ class Run:
         self.quit_requested = False       # q on the dashboard: end as at the end of duration
         self._held_logs: list[str] = []
         self._outer_log = self.log
+        # A scenario's director plays its steps in place of the watch loop; its requests to
+        # the host and the guests are answered on their channels.
+        self.director = director
+        self._replies: dict[int, tuple[bool, Any]] = {}
+        self._next_request = 1
 
     # ---- entry -----------------------------------------------------------------------------------
     def execute(self) -> RunResult:
@@ -140,7 +147,10 @@ class Run:
                     self.log(f"console {line}")      # where a person can attach
                 self._publish_manifest()
                 self._start_observers()
-                self._watch()
+                if self.director is not None:
+                    self.director(self)
+                else:
+                    self._watch()
             except _Abort:
                 pass
             self._finish_observers()
@@ -245,6 +255,11 @@ class Run:
                          "live_stats": self.live_stats})
             guests.append(g)
         self._wait_states({"booted"}, guests, STARTUP_TIMEOUT_S, "boot")
+        # Two steps: every VM's answering workloads (echo, sink, console apps) first, then
+        # those that talk to them, so no first frame finds its peer not yet listening.
+        for g in guests:
+            g.chan.send(("start_passive",))
+        self._wait_states({"passive"}, guests, STARTUP_TIMEOUT_S, "start")
         for g in guests:
             g.chan.send(("start",))
         self._wait_states({"running", "done"}, guests, STARTUP_TIMEOUT_S, "start")
@@ -285,6 +300,49 @@ class Run:
                 self.observers.run_due(now)
                 wake = min(wake, self.observers.next_due())
             self._pump(max(0.0, wake - time.monotonic()))
+
+    # ---- what a scenario's director uses ------------------------------------------------------
+    def pump(self, timeout: float) -> None:
+        """Handle messages, exits and signals for up to `timeout` seconds."""
+        self._pump(timeout)
+
+    def child(self, target: str) -> Child:
+        """The host ("host") or a VM's guest process, by name."""
+        for c in self.children:
+            if (c.role == "host" and target == "host") or (c.role == "guest" and c.name == target):
+                return c
+        names = ", ".join(["host", *(c.name for c in self.children if c.role == "guest")])
+        raise LaunchError(f"no process {target!r} (processes: {names})")
+
+    def request(self, target: str, op: str, args: dict[str, Any],
+                timeout: float = 10.0) -> tuple[bool, Any]:
+        """Ask the host or a guest to do `op`; (whether it did, its answer or its reason)."""
+        c = self.child(target)
+        if c.exited or c.chan is None:
+            raise LaunchError(f"{c.label} is not running")
+        rid = self._next_request
+        self._next_request += 1
+        try:
+            c.chan.send(("op", rid, op, args))
+        except ChannelClosed:
+            raise LaunchError(f"{c.label} is not running") from None
+        deadline = time.monotonic() + timeout
+        while rid not in self._replies:
+            if c.exited or c.chan is None:
+                raise LaunchError(f"{c.label} exited before it answered {op}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LaunchError(f"{c.label} did not answer {op} within {timeout:g} s")
+            self._pump(min(left, 0.1))
+        return self._replies.pop(rid)
+
+    def signal_child(self, target: str, signum: int) -> int:
+        """Send a signal to the host or a guest (a scenario's fault); its pid."""
+        c = self.child(target)
+        if c.exited:
+            raise LaunchError(f"{c.label} has already exited")
+        os.kill(c.popen.pid, signum)
+        return c.popen.pid
 
     def _progress_line(self, now: float) -> None:
         parts = []
@@ -334,7 +392,9 @@ class Run:
             c.chan = None
             return
         kind = msg[0] if msg else None
-        if kind in ("ready", "booted", "running", "done"):
+        if kind == "reply":
+            self._replies[msg[1]] = (bool(msg[2]), msg[3])
+        elif kind in ("ready", "booted", "passive", "running", "done"):
             c.state = kind
             if kind == "running" and msg[1].get("probe_errors"):
                 for dev, err in msg[1]["probe_errors"].items():

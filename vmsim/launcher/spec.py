@@ -124,6 +124,7 @@ def host_spec(topo: Topology, lay: RunLayout, config_dir: Path) -> dict[str, Any
                 "offer": offer, "withhold": withhold,
                 "faults": dev.faults.model_dump(),
                 "msix_vectors": getattr(dev, "msix_vectors", None),
+                "plugged": dev.plugged,
                 "device_record": lay.device_records[(vname, dname)],
                 "queue_records": lay.queue_records[(vname, dname)],
             }

@@ -56,8 +56,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def _check_ring(dev: Any) -> None:
-    """A split ring's size is a power of two; a legacy transport has no packed rings."""
+def _check_device(dev: Any) -> None:
+    """A split ring's size is a power of two; a legacy transport has no packed rings; only a
+    PCI slot can start empty."""
+    if not dev.plugged and not dev.transport.startswith("pci"):
+        raise ValueError(f"plugged: only a PCI device can start unplugged (hot-plug is a PCI "
+                         f"slot's), this one is on {dev.transport}")
     if dev.ring == "split" and dev.queue_size & (dev.queue_size - 1):
         raise ValueError(f"queue_size: expected a power of two from 1 to 32768 for a split "
                          f"ring, got {dev.queue_size} (a packed ring may have any size)")
@@ -78,6 +82,8 @@ class Faults(Strict):
 class BlkDeviceSpec(Strict):
     type: Literal["blk"]
     transport: Literal["mmio", "mmio-legacy", "pci", "pci-legacy", "ccw"] = "mmio"
+    plugged: bool = Field(True, description="false: the PCI slot starts empty; a scenario "
+                          "hot-plugs the device")
     ring: Literal["split", "packed"] = Field(
         "split", description="packed: the device offers VIRTIO_F_RING_PACKED")
     queue_size: int = 256
@@ -125,7 +131,7 @@ class BlkDeviceSpec(Strict):
 
     @model_validator(mode="after")
     def _ring_size(self) -> "BlkDeviceSpec":
-        _check_ring(self)
+        _check_device(self)
         return self
 
     @model_validator(mode="after")
@@ -175,6 +181,8 @@ class NetBackendSpec(Strict):
 class NetDeviceSpec(Strict):
     type: Literal["net"]
     transport: Literal["mmio", "mmio-legacy", "pci", "pci-legacy", "ccw"] = "mmio"
+    plugged: bool = Field(True, description="false: the PCI slot starts empty; a scenario "
+                          "hot-plugs the device")
     ring: Literal["split", "packed"] = "split"
     queue_size: int = 256
     queue_pairs: int = Field(1, ge=1, le=16)
@@ -208,7 +216,7 @@ class NetDeviceSpec(Strict):
 
     @model_validator(mode="after")
     def _ring_size(self) -> "NetDeviceSpec":
-        _check_ring(self)
+        _check_device(self)
         return self
 
     def feature_bits(self) -> tuple[list[int], list[int]]:
@@ -249,6 +257,8 @@ class ConsolePortSpec(Strict):
 class ConsoleDeviceSpec(Strict):
     type: Literal["console"]
     transport: Literal["mmio", "mmio-legacy", "pci", "pci-legacy", "ccw"] = "mmio"
+    plugged: bool = Field(True, description="false: the PCI slot starts empty; a scenario "
+                          "hot-plugs the device")
     ring: Literal["split", "packed"] = "split"
     queue_size: int = 64
     multiport: bool | None = Field(None, description="VIRTIO_CONSOLE_F_MULTIPORT; default: on "
@@ -271,7 +281,7 @@ class ConsoleDeviceSpec(Strict):
 
     @model_validator(mode="after")
     def _ports(self) -> "ConsoleDeviceSpec":
-        _check_ring(self)
+        _check_device(self)
         n = len(self.ports)
         if not 1 <= n <= CONSOLE_MAX_PORTS:
             raise ValueError(f"ports: expected 1 to {CONSOLE_MAX_PORTS} ports, got {n}")
