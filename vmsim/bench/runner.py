@@ -13,6 +13,7 @@ from rich.table import Table
 
 from vmsim.bench.baseline_pipe import run_pipe_blk
 from vmsim.bench.cpu import parallelism
+from vmsim.bench.raw import run_pipe_raw, run_raw
 from vmsim.launcher.run import Run
 from vmsim.launcher.topology import load_topology
 
@@ -55,11 +56,16 @@ MATRIX = [
          offer=("IN_ORDER",) if io else ())
     for ring in ("split", "packed") for io in (False, True) for ev in (True, False)
 ]
-BASELINES = {"pipe-read-4k": "read", "pipe-write-4k": "write"}
+# The raw ring, alone between two processes (vmsim.bench.raw), against Pipe request/response
+RAW = [Case("raw-split", "raw", "pipe-raw"), Case("raw-packed", "raw", "pipe-raw",
+                                                  ring="packed")]
+BASELINES = {"pipe-read-4k": "read", "pipe-write-4k": "write", "pipe-raw": "raw"}
 
 
 def run_vmsim_case(case: Case, seconds: float) -> dict[str, Any]:
     name = case.name
+    if case.op == "raw":
+        return {**run_raw(case.ring, seconds), "errors": 0}
     topo = load_topology(blk_topology(case.op, seconds, case.withhold, ring=case.ring,
                                       offer=case.offer), f"<bench {name}>")
     res = Run(topo, f"<bench {name}>", Path.cwd(), progress=False).execute()
@@ -78,14 +84,14 @@ def run_vmsim_case(case: Case, seconds: float) -> dict[str, Any]:
 def run_bench(seconds: float, json_path: str | None, rounds: int = 1,
               matrix: bool = False) -> int:
     con = Console(stderr=True, highlight=False)
-    cases = CASES + (MATRIX if matrix else [])
+    cases = RAW + CASES + (MATRIX if matrix else [])
     par_before = parallelism()
     con.print(f"cpu parallelism for two processes: {par_before} (2.0 = two full CPUs)")
     rows: dict[str, list[dict[str, Any]]] = {c.name: [] for c in cases}
     for r in range(rounds):
         base: dict[str, float] = {}
         for bname, op in BASELINES.items():
-            base[bname] = run_pipe_blk(op, seconds)
+            base[bname] = run_pipe_raw(seconds) if op == "raw" else run_pipe_blk(op, seconds)
             con.print(f"round {r}: {bname:24s} {base[bname]:12,.0f} req/s (Pipe + msgpack)")
         for case in cases:
             name, bname = case.name, case.baseline

@@ -1,0 +1,199 @@
+"""The raw virtqueue between two processes, with nothing else: the guest's virtqueue
+(add_sgs, kick, get_buf) in this process, the host's device queue (pop_batch, fill_batch,
+need_notify) in a forked one, one-descriptor buffers, `in_flight` of them, a device that
+returns each buffer at once. Notifications go through eventfds, suppression by event index.
+And the baseline it is measured against: the same request/response pairs over
+multiprocessing.Pipe with msgpack.
+
+This is the ring's own cost, without a transport's exits, a device model or a workload."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import select
+import time
+from typing import Any
+
+import msgpack
+
+from vmsim.abi import features as F
+from vmsim.guest.memory import DmaMemory, GuestRAM
+from vmsim.guest.virtio.vring import vring_create_virtqueue
+from vmsim.host.memory import GuestMemory
+from vmsim.host.virtio.queue_packed import PackedQueue
+from vmsim.host.virtio.queue_split import SplitQueue
+from vmsim.machine import runname, shm
+from vmsim.machine.eventfd import EventFd
+
+_CTX = mp.get_context("fork")
+RAM = 8 << 20
+BASE = 0x4000_0000
+SPIN_NS = 50_000          # each side polls this long for more before it sleeps
+
+
+def _device(name: str, ring: str, num: int, addrs: tuple[int, int, int], kick: EventFd,
+            call: EventFd, stop_at: int) -> None:
+    mem = GuestMemory(shm.open_map(name), BASE)
+    cls = PackedQueue if ring == "packed" else SplitQueue
+    q = cls(mem, num, *addrs, event_idx=True, indirect=False)
+    stop = mem.mv[stop_at:stop_at + 8].cast("Q")
+    pop, fill, need = q.pop_batch, q.fill_batch, q.need_notify
+    zeros = [0] * num
+    kfd = kick.fileno()
+    p = select.poll()
+    p.register(kfd, select.POLLIN)
+    mono = time.monotonic_ns
+    q.disable_notify()
+    while not stop[0]:
+        chains = pop()
+        if chains:
+            fill(chains, zeros[:len(chains)])
+            if need():
+                call.signal()
+            idle_since = 0
+            continue
+        now = mono()
+        if not idle_since:
+            idle_since = now
+            continue
+        if now - idle_since < SPIN_NS:
+            continue
+        # Sleep: ask for a kick, re-check (the spec's race), then wait.
+        if q.enable_notify():
+            q.disable_notify()
+            continue
+        p.poll(100)
+        kick.consume()
+        q.disable_notify()
+        idle_since = 0
+    stop.release()
+
+
+def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256) -> dict[str, Any]:
+    """Buffers per second through the raw ring, and notifications per buffer."""
+    name = f"/{runname.new_run_name()}-rawbench"
+    shm.create(name, RAM)
+    try:
+        ram = GuestRAM(shm.open_map(name), BASE)
+        dma = DmaMemory(ram)
+        kick, call = EventFd(), EventFd()
+        feats = (1 << F.VIRTIO_F_VERSION_1) | (1 << F.VIRTIO_RING_F_EVENT_IDX)
+        if ring == "packed":
+            feats |= 1 << F.VIRTIO_F_RING_PACKED
+
+        def notify(_vq: Any) -> bool:
+            kick.signal()
+            return True
+
+        vq = vring_create_virtqueue(0, num, 4096, dma, feats, notify, None, "raw")
+        addrs = (vq.desc_addr, vq.avail_addr, vq.used_addr)
+        stop_gpa, _ = dma.alloc(8, 8)
+        stop = ram.view(stop_gpa, 8).cast("Q")
+        stop[0] = 0
+        bufs = [dma.alloc(64, 64)[0] for _ in range(in_flight)]
+        sgs = [[(gpa, 64)] for gpa in bufs]
+        child = _CTX.Process(target=_device, args=(name, vq.ring, vq.num, addrs, kick, call,
+                                                  stop_gpa - BASE), daemon=True)
+        child.start()
+        add, kick_prepare, get_buf = vq.add_sgs, vq.kick_prepare, vq.get_buf
+        none: list = []
+        for i in range(in_flight):
+            add(none, sgs[i], i)
+        if kick_prepare():
+            vq.notify()
+        cfd = call.fileno()
+        p = select.poll()
+        p.register(cfd, select.POLLIN)
+        mono = time.monotonic_ns
+        done = 0
+        t0 = mono()
+        end = t0 + int(seconds * 1e9)
+        idle_since = 0
+        irqs = 0
+        vq.disable_cb()
+        while True:
+            n = 0
+            while (r := get_buf()) is not None:
+                tok = r[0]
+                add(none, sgs[tok], tok)
+                n += 1
+            if n:
+                done += n
+                if kick_prepare():
+                    vq.notify()
+                idle_since = 0
+                if done & 0x3FF < n and mono() >= end:
+                    break
+                continue
+            now = mono()
+            if now >= end:
+                break
+            if not idle_since:
+                idle_since = now
+                continue
+            if now - idle_since < SPIN_NS:
+                continue
+            if not vq.enable_cb():          # something came in meanwhile
+                vq.disable_cb()
+                continue
+            p.poll(100)
+            irqs += call.consume()
+            vq.disable_cb()
+            idle_since = 0
+        irqs += call.consume()
+        elapsed = (mono() - t0) / 1e9
+        vq.publish_stats()
+        stop[0] = 1
+        kick.signal()
+        child.join(5)
+        if child.is_alive():
+            child.kill()
+            child.join()
+        stop.release()
+        return {"requests_per_s": done / elapsed, "ops": done,
+                "kicks_per_request": vq.n_kicks / max(1, done),
+                # interrupts the device sent: the call eventfd's count
+                "interrupts_per_request": irqs / max(1, done)}
+    finally:
+        try:
+            ram.release()
+        except Exception:
+            pass
+        shm.unlink(name)
+
+
+def _echo(conn: Any) -> None:
+    recv, send = conn.recv_bytes, conn.send_bytes
+    while True:
+        m = recv()
+        if m == b"\xc0":            # msgpack nil: stop
+            break
+        send(m)
+    conn.close()
+
+
+def run_pipe_raw(seconds: float, in_flight: int = 64) -> float:
+    """Request/response pairs per second over multiprocessing.Pipe with msgpack."""
+    a, b = _CTX.Pipe()
+    child = _CTX.Process(target=_echo, args=(b,), daemon=True)
+    child.start()
+    packb, unpackb = msgpack.packb, msgpack.unpackb
+    send, recv = a.send_bytes, a.recv_bytes
+    for i in range(in_flight):
+        send(packb([i, 0]))
+    done = 0
+    t0 = time.monotonic()
+    end = t0 + seconds
+    while True:
+        seq = unpackb(recv())[0]
+        done += 1
+        send(packb([seq, 0]))
+        if done & 0x3FF == 0 and time.monotonic() >= end:
+            break
+    elapsed = time.monotonic() - t0
+    for _ in range(in_flight):
+        recv()
+    send(b"\xc0")
+    child.join(5)
+    a.close()
+    return done / elapsed
