@@ -10,6 +10,7 @@ This is the ring's own cost, without a transport's exits, a device model or a wo
 from __future__ import annotations
 
 import multiprocessing as mp
+import random
 import select
 import time
 from typing import Any
@@ -32,11 +33,13 @@ SPIN_NS = 50_000          # each side polls this long for more before it sleeps
 
 
 def _device(name: str, ring: str, num: int, addrs: tuple[int, int, int], kick: EventFd,
-            call: EventFd, stop_at: int) -> None:
+            call: EventFd, stop_at: int, pause_p: float, seed: int) -> None:
     mem = GuestMemory(shm.open_map(name), BASE)
     cls = PackedQueue if ring == "packed" else SplitQueue
     q = cls(mem, num, *addrs, event_idx=True, indirect=False)
-    stop = mem.mv[stop_at:stop_at + 8].cast("Q")
+    stop = mem.mv[stop_at:stop_at + 16].cast("Q")     # [stop, lost wake-ups seen here]
+    rng = random.Random(seed)
+    lost = 0
     pop, fill, need = q.pop_batch, q.fill_batch, q.need_notify
     zeros = [0] * num
     kfd = kick.fileno()
@@ -47,6 +50,8 @@ def _device(name: str, ring: str, num: int, addrs: tuple[int, int, int], kick: E
     while not stop[0]:
         chains = pop()
         if chains:
+            if pause_p and rng.random() < pause_p:
+                time.sleep(rng.random() * 2e-4)     # the device is descheduled
             fill(chains, zeros[:len(chains)])
             if need():
                 call.signal()
@@ -62,15 +67,20 @@ def _device(name: str, ring: str, num: int, addrs: tuple[int, int, int], kick: E
         if q.enable_notify():
             q.disable_notify()
             continue
-        p.poll(100)
+        if not p.poll(100) and q.has_work() and not stop[0]:
+            lost += 1          # slept through work whose kick never came
         kick.consume()
         q.disable_notify()
         idle_since = 0
+    stop[1] = lost
     stop.release()
 
 
-def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256) -> dict[str, Any]:
-    """Buffers per second through the raw ring, and notifications per buffer."""
+def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256,
+            pause_p: float = 0.0, seed: int = 1) -> dict[str, Any]:
+    """Buffers per second through the raw ring, and notifications per buffer. With pause_p,
+    each side pauses (up to 0.2 ms) before that share of its batches, and counts the times
+    it slept through work it was not woken for (lost wake-ups: there must be none)."""
     name = f"/{runname.new_run_name()}-rawbench"
     shm.create(name, RAM)
     try:
@@ -87,13 +97,15 @@ def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256) -> d
 
         vq = vring_create_virtqueue(0, num, 4096, dma, feats, notify, None, "raw")
         addrs = (vq.desc_addr, vq.avail_addr, vq.used_addr)
-        stop_gpa, _ = dma.alloc(8, 8)
-        stop = ram.view(stop_gpa, 8).cast("Q")
-        stop[0] = 0
+        stop_gpa, _ = dma.alloc(16, 8)
+        stop = ram.view(stop_gpa, 16).cast("Q")
+        stop[0] = stop[1] = 0
+        rng = random.Random(seed + 1)
+        lost = 0
         bufs = [dma.alloc(64, 64)[0] for _ in range(in_flight)]
         sgs = [[(gpa, 64)] for gpa in bufs]
         child = _CTX.Process(target=_device, args=(name, vq.ring, vq.num, addrs, kick, call,
-                                                  stop_gpa - BASE), daemon=True)
+                                                  stop_gpa - BASE, pause_p, seed), daemon=True)
         child.start()
         add, kick_prepare, get_buf = vq.add_sgs, vq.kick_prepare, vq.get_buf
         none: list = []
@@ -119,6 +131,8 @@ def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256) -> d
                 n += 1
             if n:
                 done += n
+                if pause_p and rng.random() < pause_p:
+                    time.sleep(rng.random() * 2e-4)     # the driver is descheduled
                 if kick_prepare():
                     vq.notify()
                 idle_since = 0
@@ -136,7 +150,8 @@ def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256) -> d
             if not vq.enable_cb():          # something came in meanwhile
                 vq.disable_cb()
                 continue
-            p.poll(100)
+            if not p.poll(100) and vq.more_used():
+                lost += 1      # slept through buffers whose interrupt never came
             irqs += call.consume()
             vq.disable_cb()
             idle_since = 0
@@ -149,11 +164,13 @@ def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256) -> d
         if child.is_alive():
             child.kill()
             child.join()
+        lost_device = int(stop[1])
         stop.release()
         return {"requests_per_s": done / elapsed, "ops": done,
                 "kicks_per_request": vq.n_kicks / max(1, done),
                 # interrupts the device sent: the call eventfd's count
-                "interrupts_per_request": irqs / max(1, done)}
+                "interrupts_per_request": irqs / max(1, done),
+                "lost_wakeups": {"driver": lost, "device": lost_device}}
     finally:
         try:
             ram.release()
