@@ -176,3 +176,39 @@ def test_shipped_mixed_topology(tmp_path):
         ports = d["vms"][vm]["devices"]["hvc0"]["info"]["ports"]
         assert ports[0]["bytes_from_guest"] > 0
     assert "vmsim console vm0 hvc0" in launch.err
+
+
+LEGACY_NET = """
+name: legacy-net
+switches: {{lan0: {{}}}}
+vms:
+  vm0:
+    memory: 32M
+    devices:
+      eth0: {{type: net, transport: {a}, backend: {{switch: lan0}}{extra}}}
+    workloads:
+      ping: {{type: net-ping, device: eth0, peer: vm1.eth0, size: 300}}
+  vm1:
+    memory: 32M
+    devices:
+      eth0: {{type: net, transport: pci, backend: {{switch: lan0}}}}
+    workloads:
+      echo: {{type: net-echo, device: eth0}}
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("a, extra, hdr", [
+    ("pci-legacy", ", features: {withhold: [MRG_RXBUF]}", 10),
+    ("mmio-legacy", ", features: {withhold: [MRG_RXBUF]}", 10),
+    ("pci-legacy", "", 12),
+    ("pci", ", features: {withhold: [MRG_RXBUF]}", 12),
+])
+def test_net_header_size_follows_negotiation(tmp_path, a, extra, hdr):
+    """struct virtio_net_hdr is 10 bytes on a legacy interface without MRG_RXBUF, 12 with
+    VERSION_1 or MRG_RXBUF (virtio_net_hdr_v1 / _mrg_rxbuf); both sides agree and frames go
+    through either way."""
+    d = _summary(tmp_path, LEGACY_NET.format(a=a, extra=extra))
+    assert d["vms"]["vm0"]["devices"]["eth0"]["driver_info"]["hdr_len"] == hdr
+    ping = d["workloads"]["vm0.ping"]
+    assert ping["ops"] > 20 and ping["errors"] == 0, ping

@@ -53,6 +53,16 @@ VIRTIO_NET_S_ANNOUNCE = 2
 # struct virtio_net_hdr_v1 (12 bytes with VERSION_1 or MRG_RXBUF: num_buffers included)
 HDR = struct.Struct("<BBHHHHH")   # flags, gso_type, hdr_len, gso_size, csum_start,
 HDR_SIZE = HDR.size               # csum_offset, num_buffers
+# The legacy struct virtio_net_hdr (no num_buffers): what a driver without VERSION_1 and
+# without MRG_RXBUF puts before each packet (spec 5.1.6, legacy interface).
+HDR_LEGACY_SIZE = 10
+
+
+def hdr_size(features: int) -> int:
+    """Bytes of the header before each packet, as negotiated."""
+    if features >> 32 & 1 or features >> VIRTIO_NET_F_MRG_RXBUF & 1:   # VERSION_1 is bit 32
+        return HDR_SIZE
+    return HDR_LEGACY_SIZE
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 VIRTIO_NET_HDR_F_DATA_VALID = 2
 VIRTIO_NET_HDR_F_RSC_INFO = 4

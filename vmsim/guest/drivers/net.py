@@ -104,6 +104,7 @@ class VirtioNet:
         self.rx_dropped = 0
         self.rx_errors = 0
         self.removed = False
+        self.hdr_len = N.HDR_SIZE
 
     # ---- setup (virtnet_probe) -------------------------------------------------------------------
     def init(self) -> int:
@@ -115,6 +116,8 @@ class VirtioNet:
         if vdev.has_feature(N.VIRTIO_NET_F_MQ):
             self.max_pairs = max(1, vdev.cread(N.CFG_MAX_VIRTQUEUE_PAIRS, 2))
         self.mergeable = vdev.has_feature(N.VIRTIO_NET_F_MRG_RXBUF)
+        # 12 bytes with VERSION_1 or MRG_RXBUF, the legacy 10 otherwise (virtnet_probe)
+        self.hdr_len = N.hdr_size(vdev.features)
         self.big_packets = not self.mergeable and self.mtu > N.ETH_DATA_LEN
         nvqs = 2 * self.max_pairs
         callbacks: list[Callable[[Virtqueue], None] | None] = []
@@ -154,7 +157,7 @@ class VirtioNet:
         return bool(vdev.cread(N.CFG_STATUS, 2) & N.VIRTIO_NET_S_LINK_UP)
 
     def _alloc_tx(self, pair: NetQueuePair) -> None:
-        size = N.HDR_SIZE + self.mtu + N.ETH_HLEN + 4
+        size = self.hdr_len + self.mtu + N.ETH_HLEN + 4
         n = max(1, pair.tx.num_free // 2)
         for _ in range(n):
             gpa, view = self.dma.alloc(size, 64, zero=False)
@@ -168,11 +171,11 @@ class VirtioNet:
         if self.big_packets:
             # the header alone, then pages for the frame (add_recvbuf_big)
             pages = (self.mtu + N.ETH_HLEN + 4 + PAGE - 1) // PAGE
-            gpa, view = self.dma.alloc(N.HDR_SIZE + pages * PAGE, PAGE, zero=False)
-            sgs = [(gpa, N.HDR_SIZE)] + [(gpa + N.HDR_SIZE + k * PAGE, PAGE)
+            gpa, view = self.dma.alloc(self.hdr_len + pages * PAGE, PAGE, zero=False)
+            sgs = [(gpa, self.hdr_len)] + [(gpa + self.hdr_len + k * PAGE, PAGE)
                                          for k in range(pages)]
             return RxBuf(gpa, view, sgs)
-        size = N.HDR_SIZE + N.GOOD_PACKET_LEN       # add_recvbuf_small
+        size = self.hdr_len + N.GOOD_PACKET_LEN       # add_recvbuf_small
         gpa, view = self.dma.alloc(size, 64, zero=False)
         return RxBuf(gpa, view, [(gpa, size)])
 
@@ -217,8 +220,8 @@ class VirtioNet:
                                 csum[0], csum[1], 0)
             else:
                 N.HDR.pack_into(slot.view, 0, 0, 0, 0, 0, 0, 0, 0)
-            slot.view[N.HDR_SIZE:N.HDR_SIZE + n] = frame
-            err = pair.tx.add_outbuf(((slot.gpa, N.HDR_SIZE + n),), slot)
+            slot.view[self.hdr_len:self.hdr_len + n] = frame
+            err = pair.tx.add_outbuf(((slot.gpa, self.hdr_len + n),), slot)
             if err:
                 pair.tx_free.append(slot)
                 return EAGAIN if err == -errno.ENOSPC else err
@@ -283,7 +286,7 @@ class VirtioNet:
                      ln: int) -> tuple[bytes, int, int, int] | None:
         """One used buffer; a frame when it is complete (mergeable frames span several)."""
         pair.rx_bufs.append(buf)                   # reposted by _refill
-        if ln > buf.size or ln < (N.HDR_SIZE if not pair._pending else 1):
+        if ln > buf.size or ln < (self.hdr_len if not pair._pending else 1):
             self.rx_errors += 1
             pair._pending.clear()
             return None
@@ -293,9 +296,9 @@ class VirtioNet:
         if self.mergeable and len(pending) < max(1, nbufs):
             return None                            # more buffers of this frame follow
         if self.big_packets:
-            data = bytes(pending[0][0].view[N.HDR_SIZE:ln])
+            data = bytes(pending[0][0].view[self.hdr_len:ln])
         else:
-            parts = [bytes(pending[0][0].view[N.HDR_SIZE:pending[0][1]])]
+            parts = [bytes(pending[0][0].view[self.hdr_len:pending[0][1]])]
             parts += [bytes(b.view[:n]) for b, n in pending[1:]]
             data = b"".join(parts)
         pending.clear()
@@ -367,7 +370,7 @@ class VirtioNet:
         vdev.config.del_vqs(vdev)
 
     def describe(self) -> dict[str, Any]:
-        return {"mac": N.format_mac(self.mac), "link_up": self.link_up,
+        return {"mac": N.format_mac(self.mac), "link_up": self.link_up, "hdr_len": self.hdr_len,
                 "queue_pairs": self.curr_pairs, "mergeable": self.mergeable,
                 "big_packets": self.big_packets,
                 "rx_frames_per_pair": [p.rx_frames for p in self.pairs],

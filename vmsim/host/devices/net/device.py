@@ -66,6 +66,7 @@ class NetDevice(VirtioDevice):
         self.configured_mac = mac
         self.max_pairs = max_pairs
         self.ctrl_index = N.ctrl_queue(max_pairs)
+        self.hdr_len = N.HDR_SIZE          # the legacy 10 bytes once a legacy driver is live
         self.mtu = mtu
         self.link_up = link_up
         self.metrics = NetMetrics()
@@ -98,6 +99,7 @@ class NetDevice(VirtioDevice):
         # many pairs the device has (spec 5.1.2).
         pairs = self.max_pairs if self.negotiated(N.VIRTIO_NET_F_MQ) else 1
         self.ctrl_index = N.ctrl_queue(pairs)
+        self.hdr_len = N.hdr_size(self.driver_features)
 
     # ---- host-side changes -----------------------------------------------------------------------
     def set_link(self, up: bool) -> None:
@@ -139,11 +141,11 @@ class NetDevice(VirtioDevice):
         csum_ok = self.negotiated(N.VIRTIO_NET_F_CSUM)
         while chains := ring.pop_batch(64):
             for chain in chains:
-                if chain.rlen > N.HDR_SIZE + TX_FRAME_MAX:
+                if chain.rlen > self.hdr_len + TX_FRAME_MAX:
                     m.tx_dropped_oversize += 1       # refused unread
                     continue
                 try:
-                    (flags, _gso, _hl, _gs, cstart, coff, _nb), frame = read_tx(chain)
+                    (flags, _gso, _hl, _gs, cstart, coff, _nb), frame = read_tx(chain, self.hdr_len)
                 except ValueError as e:
                     raise RingError(Reason.NET_HEADER_SHORT, str(e)) from None
                 meta = None
@@ -236,7 +238,7 @@ class NetDevice(VirtioDevice):
                     backlog.popleft()
                     continue
                 meta = None
-            need = N.HDR_SIZE + len(frame)
+            need = self.hdr_len + len(frame)
             mark = ring.mark()
             chains = []
             room = 0
@@ -250,7 +252,7 @@ class NetDevice(VirtioDevice):
                 if not c.wlen:
                     raise RingError(Reason.WRONG_DIRECTION,
                                     f"receive buffer {c.head} has no device-writable byte")
-                if mergeable and c.wlen < N.HDR_SIZE:
+                if mergeable and c.wlen < self.hdr_len:
                     raise RingError(Reason.NET_HEADER_SHORT,
                                     f"a mergeable receive buffer of {c.wlen} bytes")
                 chains.append(c)
@@ -270,7 +272,7 @@ class NetDevice(VirtioDevice):
                 m.rx_starved += 1
                 break
             backlog.popleft()
-            data = rx_header(meta, guest_csum, len(chains)) + frame
+            data = rx_header(meta, guest_csum, len(chains))[:self.hdr_len] + frame
             done = 0
             written = []
             for chain in chains:

@@ -20,14 +20,18 @@ class BadCommand(Exception):
     """A control command the device answers with VIRTIO_NET_ERR."""
 
 
-def read_tx(chain: DescChain) -> tuple[tuple[int, int, int, int, int, int, int], bytes]:
-    """The virtio-net header and the frame of a transmit chain (the driver may split them
-    over descriptors any way it likes); the caller has checked rlen against TX_FRAME_MAX."""
+def read_tx(chain: DescChain, hdr_len: int = N.HDR_SIZE
+            ) -> tuple[tuple[int, int, int, int, int, int, int], bytes]:
+    """The virtio-net header (hdr_len bytes: 12, or the legacy 10 without num_buffers) and
+    the frame of a transmit chain (the driver may split them over descriptors any way it
+    likes); the caller has checked rlen against TX_FRAME_MAX."""
     data = chain.read_bytes(0, chain.rlen)
-    if len(data) < N.HDR_SIZE:
+    if len(data) < hdr_len:
         raise ValueError(f"a transmit buffer of {len(data)} bytes has no room for the "
-                         f"{N.HDR_SIZE}-byte header")
-    return N.HDR.unpack_from(data), data[N.HDR_SIZE:]
+                         f"{hdr_len}-byte header")
+    if hdr_len < N.HDR_SIZE:
+        return N.HDR.unpack(data[:hdr_len] + b"\1\0"), data[hdr_len:]
+    return N.HDR.unpack_from(data), data[hdr_len:]
 
 
 def complete_checksum(frame: bytes, start: int, offset: int) -> bytes:
