@@ -13,6 +13,7 @@ import os
 import socket
 from typing import Any
 
+from vmsim.abi import status as S
 from vmsim.host.board import Board
 from vmsim.host.devices.factory import make_device
 from vmsim.host.loop import EventLoop
@@ -192,7 +193,8 @@ class HostVM:
                 "interrupts": t.n_interrupts, "config_interrupts": dev.n_config_interrupts,
                 "resets": dev.n_resets,
                 "queue_sizes": [q.num for q in dev.queues],
-                **dev.describe(),
+                **(dev.live_info if dev.live_info is not None
+                   and not dev.status & S.DRIVER_OK else dev.describe()),
             }
         return {"devices": devs, "unassigned_accesses": self.unassigned,
                 "guest_gone": self.guest_gone, "host_errors": list(self.host_errors)}

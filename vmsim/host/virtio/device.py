@@ -99,6 +99,7 @@ class VirtioDevice:
         # A scenario's fault: a stalled device serves no queue until released (a hung
         # backend); its requests stay in flight.
         self.stalled = False
+        self.live_info: dict | None = None
         self._publish_device_stats()
 
     def make_legacy(self) -> None:
@@ -207,6 +208,10 @@ class VirtioDevice:
 
     def reset(self) -> None:
         """A write of 0 to status: back to the initial state, queues forgotten."""
+        if self.status & S.DRIVER_OK:
+            # what the device was like while live (filters, queue pairs, ports): the run's
+            # report shows this, not the state the driver's removal leaves
+            self.live_info = self.describe()
         self.status = 0
         self.driver_features = 0
         self.broken = False
