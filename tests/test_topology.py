@@ -175,6 +175,11 @@ def test_there_are_shipped_configs():
      "required key is missing"),
     ({f"{DEV}.serial": "x" * 21}, f"{DEV}.serial", "at most 20 bytes"),
     ({f"{DEV}.path": "/tmp/disk.img"}, DEV, "a memory backend has no file"),
+    # transport-specific settings
+    ({f"{DEV}.transport": "pci-legacy", f"{DEV}.ring": "packed"}, f"{DEV}.ring",
+     "cannot have packed rings"),
+    ({f"{DEV}.plugged": False}, f"{DEV}.plugged", "only a PCI device can start unplugged"),
+    ({f"{DEV}.adapter_interrupts": False}, f"{DEV}.adapter_interrupts", "virtio-ccw setting"),
     # names
     ({"vms": {"0vm": {}}}, "vms.0vm", "pattern"),
     # ranges

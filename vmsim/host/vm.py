@@ -51,7 +51,8 @@ class HostVM:
         env = DeviceEnv(self.name, loop, switches or {})
         for dspec in spec["devices"]:
             dev = make_device(dspec, self.mem, stats, env)
-            t = make_transport(dspec.get("transport", "mmio"), dev, self.board)
+            t = make_transport(dspec.get("transport", "mmio"), dev, self.board,
+                               adapter_interrupts=dspec.get("adapter_interrupts", True))
             if not dspec.get("plugged", True):
                 t.set_present(False)        # an empty slot until a scenario plugs it
             for region in t.regions():

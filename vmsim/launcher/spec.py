@@ -125,6 +125,7 @@ def host_spec(topo: Topology, lay: RunLayout, config_dir: Path) -> dict[str, Any
                 "faults": dev.faults.model_dump(),
                 "msix_vectors": getattr(dev, "msix_vectors", None),
                 "plugged": dev.plugged,
+                "adapter_interrupts": dev.adapter_interrupts,
                 "device_record": lay.device_records[(vname, dname)],
                 "queue_records": lay.queue_records[(vname, dname)],
             }

@@ -59,6 +59,9 @@ class Strict(BaseModel):
 def _check_device(dev: Any) -> None:
     """A split ring's size is a power of two; a legacy transport has no packed rings; only a
     PCI slot can start empty."""
+    if not dev.adapter_interrupts and dev.transport != "ccw":
+        raise ValueError(f"adapter_interrupts: a virtio-ccw setting, this device is on "
+                         f"{dev.transport}")
     if not dev.plugged and not dev.transport.startswith("pci"):
         raise ValueError(f"plugged: only a PCI device can start unplugged (hot-plug is a PCI "
                          f"slot's), this one is on {dev.transport}")
@@ -84,6 +87,8 @@ class BlkDeviceSpec(Strict):
     transport: Literal["mmio", "mmio-legacy", "pci", "pci-legacy", "ccw"] = "mmio"
     plugged: bool = Field(True, description="false: the PCI slot starts empty; a scenario "
                           "hot-plugs the device")
+    adapter_interrupts: bool = Field(True, description="ccw: offer adapter (two-level) "
+                                     "indicators; false: classic indicators only")
     ring: Literal["split", "packed"] = Field(
         "split", description="packed: the device offers VIRTIO_F_RING_PACKED")
     queue_size: int = 256
@@ -183,6 +188,8 @@ class NetDeviceSpec(Strict):
     transport: Literal["mmio", "mmio-legacy", "pci", "pci-legacy", "ccw"] = "mmio"
     plugged: bool = Field(True, description="false: the PCI slot starts empty; a scenario "
                           "hot-plugs the device")
+    adapter_interrupts: bool = Field(True, description="ccw: offer adapter (two-level) "
+                                     "indicators; false: classic indicators only")
     ring: Literal["split", "packed"] = "split"
     queue_size: int = 256
     queue_pairs: int = Field(1, ge=1, le=16)
@@ -259,6 +266,8 @@ class ConsoleDeviceSpec(Strict):
     transport: Literal["mmio", "mmio-legacy", "pci", "pci-legacy", "ccw"] = "mmio"
     plugged: bool = Field(True, description="false: the PCI slot starts empty; a scenario "
                           "hot-plugs the device")
+    adapter_interrupts: bool = Field(True, description="ccw: offer adapter (two-level) "
+                                     "indicators; false: classic indicators only")
     ring: Literal["split", "packed"] = "split"
     queue_size: int = 64
     multiport: bool | None = Field(None, description="VIRTIO_CONSOLE_F_MULTIPORT; default: on "

@@ -10,7 +10,8 @@ from vmsim.host.virtio.transport import HostTransport
 TRANSPORTS = ("mmio", "mmio-legacy", "pci", "pci-legacy", "ccw")
 
 
-def make_transport(kind: str, dev: VirtioDevice, board: Board) -> HostTransport:
+def make_transport(kind: str, dev: VirtioDevice, board: Board,
+                   adapter_interrupts: bool = True) -> HostTransport:
     if kind == "mmio":
         return MmioTransport(dev, board.mmio_window(), board.irq(), version=2)
     if kind == "mmio-legacy":
@@ -21,5 +22,6 @@ def make_transport(kind: str, dev: VirtioDevice, board: Board) -> HostTransport:
         return PciTransport(dev, board, legacy=kind == "pci-legacy",
                             msix_vectors=getattr(dev, "msix_vectors", None))
     if kind == "ccw":
-        return CcwTransport(dev, board)
+        # without adapter interrupts the guest falls back to classic indicators
+        return CcwTransport(dev, board, adapter_interrupts=adapter_interrupts)
     raise ValueError(f"transport {kind!r} is not implemented on the host")
