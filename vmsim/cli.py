@@ -210,3 +210,55 @@ def scenario(files: tuple[str, ...], json_path: str | None) -> None:
     if json_path is not None:
         write_json(json_path, results)
     sys.exit(0 if all(r.ok for r in results) else 1)
+
+
+@main.group()
+def backend() -> None:
+    """Run a vmsim device as a standalone vhost-user backend (QEMU's -chardev socket,path=...
+    with -device vhost-user-blk-pci, or any vhost-user frontend), until SIGINT / SIGTERM."""
+
+
+def _serve_backend(make_device, path: str, trace: bool) -> None:
+    from vmsim.vhost.server import BackendError, Server
+    try:
+        device = make_device()
+    except OSError as e:
+        _fail(f"backend: {e.filename or ''}: {e.strerror}", 1)
+    try:
+        sys.exit(Server(device, path, trace=trace).run())
+    except BackendError as e:
+        device.close()
+        _fail(f"backend: {e}", 1)
+
+
+@backend.command("blk")
+@click.option("--socket", "path", required=True, type=click.Path(dir_okay=False),
+              help="The vhost-user socket to listen on.")
+@click.option("--image", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="A raw disk image (its size is the capacity).")
+@click.option("--readonly", is_flag=True, help="Offer VIRTIO_BLK_F_RO; writes fail.")
+@click.option("--no-packed", is_flag=True, help="Do not offer VIRTIO_F_RING_PACKED.")
+@click.option("--trace", is_flag=True, help="Log every message from the frontend.")
+def backend_blk(path: str, image: str, readonly: bool, no_packed: bool, trace: bool) -> None:
+    """virtio-blk on a raw image."""
+    from vmsim.vhost.devices import BlkVhostDevice
+    _serve_backend(lambda: BlkVhostDevice(image, readonly, packed=not no_packed), path, trace)
+
+
+@backend.command("console")
+@click.option("--socket", "path", required=True, type=click.Path(dir_okay=False),
+              help="The vhost-user socket to listen on.")
+@click.option("--output", type=click.Path(dir_okay=False, writable=True),
+              help="Append what the driver writes to FILE (default: stdout).")
+@click.option("--no-input", is_flag=True, help="Do not read stdin for the driver.")
+@click.option("--no-packed", is_flag=True, help="Do not offer VIRTIO_F_RING_PACKED.")
+@click.option("--trace", is_flag=True, help="Log every message from the frontend.")
+def backend_console(path: str, output: str | None, no_input: bool, no_packed: bool,
+                    trace: bool) -> None:
+    """virtio-console, port 0: the driver's output to stdout (or --output), stdin to it."""
+    from vmsim.vhost.devices import ConsoleVhostDevice
+
+    def make():
+        out = open(output, "ab") if output else sys.stdout.buffer  # noqa: SIM115
+        return ConsoleVhostDevice(not no_packed, out, None if no_input else sys.stdin.fileno())
+    _serve_backend(make, path, trace)
