@@ -141,7 +141,8 @@ class Server:
         finally:
             stats = ", ".join(f"ring {v.index}: {v.kicks} kicks ({v.spurious_kicks} spurious), "
                               f"{v.calls} calls" for v in s.vrings)
-            s.log(f"{why}; {s.messages} messages, {self.device.describe()}; {stats}")
+            s.log(f"{why}; {s.messages} messages; {stats}; device so far: "
+                  f"{self.device.describe()}")
             s.close()
             conn.close()
 
