@@ -380,6 +380,8 @@ def test_blk_backend_sessions_call_replaced_spurious_kicks(tmp_path, image):
                     fe.restart_ring(0)
                 os.eventfd_write(fe.kicks[0], 1)          # spurious
                 time.sleep(0.02)        # taken alone, not merged with the next real kick
+            os.eventfd_write(fe.kicks[0], 1)    # spurious for sure: nothing follows it
+            time.sleep(0.2)
             fe.close()
             be.wait_log(f"session {k + 1}: frontend disconnected")
         assert image.read_bytes()[100 * 512:105 * 512] == bytes([2]) * (5 * 512)
