@@ -149,7 +149,7 @@ class Frontend:
     def uva(self, gpa: int) -> int:
         return gpa - RAM_GPA + UVA
 
-    def setup_ring(self, index: int, num: int = 128) -> object:
+    def setup_ring(self, index: int, num: int = 128, enable: bool = True) -> object:
         kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
@@ -166,7 +166,8 @@ class Frontend:
                                                     self.uva(vq.avail_addr)))
         self.call(Req.SET_VRING_KICK, P.encode_u64(index), fds=[kick])
         self.call(Req.SET_VRING_CALL, P.encode_u64(index), fds=[call])
-        self.call(Req.SET_VRING_ENABLE, P.encode_state(index, 1))
+        if enable:
+            self.call(Req.SET_VRING_ENABLE, P.encode_state(index, 1))
         self.vqs.append(vq)
         self.kicks.append(kick)
         self.calls.append(call)
@@ -455,6 +456,40 @@ def test_mem_slots_and_tables_replaced_while_running(tmp_path, image):
     finally:
         assert be.stop() == 0
     assert image.read_bytes()[64 * 512:64 * 512 + 4096] == bytes([3]) * 4096
+
+
+@pytest.mark.timeout(60)
+def test_without_protocol_features_rings_start_enabled(tmp_path, image):
+    """A frontend of the first vhost-user generation: no bit 30, no protocol-feature
+    messages, no SET_VRING_ENABLE; its ring is served once started (vhost-user.rst "Ring
+    states"). A disabled ring of a protocol-features frontend is not served."""
+    be = Backend(tmp_path, "blk", "--image", str(image))
+    try:
+        fe = Frontend(be.sock)
+        offered = P.decode_u64(fe.call(Req.GET_FEATURES))
+        fe.call(Req.SET_OWNER)
+        fe.features = offered & BLK_WANT & ~F.bit(B.VIRTIO_BLK_F_RO)
+        fe.call(Req.SET_FEATURES, P.encode_u64(fe.features))
+        fe.set_mem_table()
+        fe.setup_ring(0, enable=False)
+        drv = BlkDriver(fe, slots=2)
+        assert drv.one(B.VIRTIO_BLK_T_IN, 0, 512)[0] == B.VIRTIO_BLK_S_OK
+        fe.close()
+
+        fe, drv = blk_session(be.sock, packed=False)
+        # REPLY_ACK: the backend has taken the earlier messages (ENABLE 1 included) too
+        fe.call(Req.SET_VRING_ENABLE, P.encode_state(0, 0), need_reply=True)
+        drv.submit(0, B.VIRTIO_BLK_T_IN, 0, 512)
+        drv.vq.kick()
+        with pytest.raises(AssertionError, match="0 of 1 used"):
+            fe.wait_used(0, 1, timeout=0.3)
+        fe.call(Req.SET_VRING_ENABLE, P.encode_state(0, 1))
+        drv.vq.kick()
+        fe.wait_used(0, 1)
+        assert drv.status(0) == B.VIRTIO_BLK_S_OK
+        fe.close()
+    finally:
+        assert be.stop() == 0
 
 
 def _raw(path: str) -> socket.socket:

@@ -5,7 +5,6 @@ the frontend shared (vmsim.vhost.memory).
 """
 
 import os
-import sys
 from typing import BinaryIO
 
 from vmsim.abi import blk as B
@@ -148,15 +147,11 @@ class ConsoleVhostDevice(VhostDevice):
         self.inbuf = bytearray()
         self.bytes_out = 0
         self.bytes_in = 0
-        self.mem: GuestMemory | None = None
-        cfg = bytearray(C.CONFIG_SIZE)
-        self._config = bytes(cfg)
+        # cols, rows, max_nr_ports, emerg_wr: none of SIZE, MULTIPORT, EMERG_WRITE is offered
+        self._config = bytes(C.CONFIG_SIZE)
 
     def config(self) -> bytes:
         return self._config
-
-    def attach(self, mem: GuestMemory | None) -> None:
-        self.mem = mem
 
     def serve(self, index: int, q: DeviceQueue) -> int:
         if index == 1:
@@ -203,7 +198,3 @@ class ConsoleVhostDevice(VhostDevice):
 
     def describe(self) -> str:
         return f"{self.bytes_out} bytes out, {self.bytes_in} bytes in"
-
-
-def stdout_binary() -> BinaryIO:
-    return sys.stdout.buffer

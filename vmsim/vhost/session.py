@@ -93,9 +93,6 @@ class Session:
                                f"(0x{acked & ~self.offered:x})")
         self.features = acked
         self.device.set_features(acked & ~F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES))
-        if not acked & F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES):
-            for v in self.vrings:       # without protocol features rings start enabled
-                v.enabled = True
 
     def _get_protocol_features(self, msg: Message) -> bytes:
         self._need_protocol("GET_PROTOCOL_FEATURES")
@@ -119,6 +116,7 @@ class Session:
         # Deprecated; the spec recommends treating it as "disable all rings".
         for v in self.vrings:
             v.stop()
+            v.set_kick(None)
             v.enabled = False
 
     def _reset_device(self, msg: Message) -> None:
@@ -232,6 +230,8 @@ class Session:
         if not self.features & F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES):
             raise SessionError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
         v.enabled = bool(num)
+        if v.enabled:
+            self.serve(v)       # kicks that came while it was disabled were not served
 
     def _get_config(self, msg: Message) -> bytes:
         self._has_protocol(ProtocolFeature.CONFIG, "GET_CONFIG")
@@ -283,7 +283,11 @@ class Session:
     def serve(self, v: Vring) -> int:
         """Serve a started, enabled ring until it is empty; the buffers used."""
         q = v.queue
-        if q is None or v.broken or not v.enabled:
+        if q is None or v.broken:
+            return 0
+        # Without protocol features rings are enabled once started; with them, only after
+        # SET_VRING_ENABLE 1.
+        if not v.enabled and self.features & F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES):
             return 0
         total = 0
         idle = 0
