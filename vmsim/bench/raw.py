@@ -46,6 +46,7 @@ def _device(name: str, ring: str, num: int, addrs: tuple[int, int, int], kick: E
     p = select.poll()
     p.register(kfd, select.POLLIN)
     mono = time.monotonic_ns
+    idle_since = 0
     q.disable_notify()
     while not stop[0]:
         chains = pop()
@@ -166,6 +167,8 @@ def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256,
             child.join()
         lost_device = int(stop[1])
         stop.release()
+        if child.exitcode != 0:
+            raise RuntimeError(f"the raw bench's device process failed (exit {child.exitcode})")
         return {"requests_per_s": done / elapsed, "ops": done,
                 "kicks_per_request": vq.n_kicks / max(1, done),
                 # interrupts the device sent: the call eventfd's count
