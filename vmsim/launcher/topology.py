@@ -82,13 +82,17 @@ class Faults(Strict):
     refuse_features_ok: bool = False
 
 
-class BlkDeviceSpec(Strict):
-    type: Literal["blk"]
+class DeviceBase(Strict):
+    """What every device type has: its transport and the transport's settings."""
     transport: Literal["mmio", "mmio-legacy", "pci", "pci-legacy", "ccw"] = "mmio"
     plugged: bool = Field(True, description="false: the PCI slot starts empty; a scenario "
                           "hot-plugs the device")
     adapter_interrupts: bool = Field(True, description="ccw: offer adapter (two-level) "
                                      "indicators; false: classic indicators only")
+
+
+class BlkDeviceSpec(DeviceBase):
+    type: Literal["blk"]
     ring: Literal["split", "packed"] = Field(
         "split", description="packed: the device offers VIRTIO_F_RING_PACKED")
     queue_size: int = 256
@@ -183,13 +187,8 @@ class NetBackendSpec(Strict):
         return self
 
 
-class NetDeviceSpec(Strict):
+class NetDeviceSpec(DeviceBase):
     type: Literal["net"]
-    transport: Literal["mmio", "mmio-legacy", "pci", "pci-legacy", "ccw"] = "mmio"
-    plugged: bool = Field(True, description="false: the PCI slot starts empty; a scenario "
-                          "hot-plugs the device")
-    adapter_interrupts: bool = Field(True, description="ccw: offer adapter (two-level) "
-                                     "indicators; false: classic indicators only")
     ring: Literal["split", "packed"] = "split"
     queue_size: int = 256
     queue_pairs: int = Field(1, ge=1, le=16)
@@ -261,13 +260,8 @@ class ConsolePortSpec(Strict):
         return self
 
 
-class ConsoleDeviceSpec(Strict):
+class ConsoleDeviceSpec(DeviceBase):
     type: Literal["console"]
-    transport: Literal["mmio", "mmio-legacy", "pci", "pci-legacy", "ccw"] = "mmio"
-    plugged: bool = Field(True, description="false: the PCI slot starts empty; a scenario "
-                          "hot-plugs the device")
-    adapter_interrupts: bool = Field(True, description="ccw: offer adapter (two-level) "
-                                     "indicators; false: classic indicators only")
     ring: Literal["split", "packed"] = "split"
     queue_size: int = 64
     multiport: bool | None = Field(None, description="VIRTIO_CONSOLE_F_MULTIPORT; default: on "
