@@ -137,12 +137,19 @@ class Guest:
         t = VirtioMmio(self.platform, self.irqc, self.dma, node["base"], node["irq"],
                        self._queue_stats(name))
         try:
-            rec = self.spec["device_records"].get(name)
-            vdev = t.probe(name, self.stats.device(rec) if rec is not None else None)
+            vdev = t.probe(name, self._dev_stats(name))
         except MmioProbeError as e:
             self.probe_errors[name] = str(e)
             log.warning("%s: %s", name, e)
             return
+        self._register(name, t, vdev)
+
+    def _dev_stats(self, name: str) -> memoryview | None:
+        rec = self.spec["device_records"].get(name)
+        return self.stats.device(rec) if rec is not None else None
+
+    def _register(self, name: str, t: Any, vdev: VirtioDevice) -> None:
+        """A device its transport found: onto the virtio bus, which probes its driver."""
         self.transports[name] = t
         self.devices[name] = vdev
         err = self.bus.register_device(vdev)
@@ -166,19 +173,12 @@ class Guest:
             name = sch.name
             try:
                 t = VirtioCcw(css, sch, self.dma, self._queue_stats(name))
-                rec = self.spec["device_records"].get(name)
-                vdev = t.probe(name, self.stats.device(rec) if rec is not None else None)
+                vdev = t.probe(name, self._dev_stats(name))
             except CcwProbeError as e:
                 self.probe_errors[name] = str(e)
                 log.warning("%s: %s", name, e)
                 continue
-            self.transports[name] = t
-            self.devices[name] = vdev
-            err = self.bus.register_device(vdev)
-            if err or vdev.driver is None:
-                self.probe_errors[name] = vdev.probe_error or f"probe failed ({err})"
-            else:
-                self.bound[name] = vdev.driver.name
+            self._register(name, t, vdev)
 
     def _probe_pci(self, bus: dict[str, Any]) -> list[str]:
         """Enumerate the PCI bus through its ECAM window and probe each virtio function not
@@ -195,23 +195,16 @@ class Guest:
                 continue        # probed before
             found.append(name)
             self.probe_errors.pop(name, None)
-            rec = self.spec["device_records"].get(name)
             try:
                 t = virtio_pci_probe(self.platform, self.irqc, self.dma, pdev, name,
-                                     self.stats.device(rec) if rec is not None else None,
+                                     self._dev_stats(name),
                                      self._queue_stats(name))
             except PciProbeError as e:
                 self.probe_errors[name] = str(e)
                 log.warning("%s: %s", name, e)
                 continue
             vdev = t.vdev
-            self.transports[name] = t
-            self.devices[name] = vdev
-            err = self.bus.register_device(vdev)
-            if err or vdev.driver is None:
-                self.probe_errors[name] = vdev.probe_error or f"probe failed ({err})"
-            else:
-                self.bound[name] = vdev.driver.name
+            self._register(name, t, vdev)
         return found
 
     def remove_device(self, name: str) -> None:

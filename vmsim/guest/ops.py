@@ -5,8 +5,8 @@ channel; the guest's main thread runs the op and answers ("reply", id, ok, resul
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -299,10 +299,11 @@ class GuestOps:
         what = str(args.get("corrupt", ""))
         gpa, view = self.g.dma.alloc(4096, 4096)
         view.release()
-        # The scratch page stays allocated: the device may still look at it.
-        lock = getattr(vq.priv, "lock", None) or threading.RLock()
+        # The scratch page stays allocated: the device may still look at it. The driver's
+        # queue lock (where it has one) keeps its own adds out of the ring meanwhile.
+        lock = getattr(vq.priv, "lock", None)
         try:
-            with lock:
+            with lock if lock is not None else contextlib.nullcontext():
                 text = rogue.corrupt(vq, what, gpa)
         except rogue.RogueError as e:
             raise OpError(str(e)) from None
