@@ -21,6 +21,9 @@ class ManifestError(Exception):
 
 def _backend(d: dict[str, Any]) -> str:
     """One line on what serves a device."""
+    vu = d.get("vhost_user")
+    if vu is not None:
+        return f"vhost-user {'spawned ' if vu['spawn'] else ''}{vu['socket']}"
     if d["type"] == "blk":
         b = d["blk"]
         return f"file {b['path']}" if b["backend"] == "file" else "memory"

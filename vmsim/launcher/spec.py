@@ -96,6 +96,30 @@ def mac_of(vname: str, dname: str, dev: Any) -> str:
     return "52:54:00:" + ":".join(f"{h >> s & 0xFF:02x}" for s in (16, 8, 0))
 
 
+def vhost_user_spec(vname: str, dname: str, d: dict[str, Any], socket: str | None,
+                    rundir: str, config_dir: Path) -> dict[str, Any]:
+    """Where the device's vhost-user backend listens, and for `spawn` the command the launcher
+    starts it with (`vmsim backend TYPE`, serving what the device spec names)."""
+    if socket is not None:
+        return {"socket": str((config_dir / os.path.expanduser(socket)).resolve()),
+                "spawn": None}
+    path = os.path.join(rundir, f"{vname}-{dname}.vhost.sock")
+    if len(path.encode()) > 100:                    # AF_UNIX paths hold 107 bytes
+        path = os.path.join(rundir, f"vhost-{zlib.crc32(f'{vname}.{dname}'.encode()):08x}.sock")
+    argv = ["backend", d["type"], "--socket", path]
+    if d["ring"] != "packed":
+        argv.append("--no-packed")
+    if d["type"] == "blk":
+        argv += ["--image", d["blk"]["path"]] + (["--readonly"] if d["blk"]["readonly"] else [])
+    elif d["type"] == "net":
+        n = d["net"]
+        argv += ["--tap", n["backend"]["tap"], "--mac", n["mac"], "--mtu", str(n["mtu"]),
+                 "--queue-pairs", str(n["queue_pairs"])]
+    elif d["type"] == "console":
+        argv += ["--output", d["console"]["ports"][0]["path"], "--no-input"]
+    return {"socket": path, "spawn": argv}
+
+
 def plan(topo: Topology, run: str, rundir: str) -> RunLayout:
     lay = RunLayout(run=run, rundir=rundir, stats_name=runname.stats_name(run))
     for vname, vm in topo.vms.items():
@@ -129,15 +153,17 @@ def host_spec(topo: Topology, lay: RunLayout, config_dir: Path) -> dict[str, Any
                 "device_record": lay.device_records[(vname, dname)],
                 "queue_records": lay.queue_records[(vname, dname)],
             }
+            vu = dev.vhost_user()
             if dev.type == "blk":
                 path = None
-                if dev.backend == "file":
+                if dev.backend == "file" or (vu is not None and vu.spawn):
                     if dev.path is None:
                         path = os.path.join(lay.rundir, f"{vname}-{dname}.img")
                         lay.scratch_files.append(path)
                     else:
                         path = str((config_dir / os.path.expanduser(dev.path)).resolve())
-                d["blk"] = {"backend": dev.backend, "path": path, "size": dev.size,
+                d["blk"] = {"backend": "file" if path else "memory" if vu is None
+                            else "vhost-user", "path": path, "size": dev.size,
                             "readonly": dev.readonly, "serial": dev.serial or f"vmsim-{dname}",
                             "blk_size": dev.blk_size}
             if dev.type == "net":
@@ -146,6 +172,9 @@ def host_spec(topo: Topology, lay: RunLayout, config_dir: Path) -> dict[str, Any
                             "backend": dev.backend.model_dump(exclude_none=True)}
             if dev.type == "console":
                 d["console"] = console_spec(vname, dname, dev, lay.rundir, config_dir)
+            if vu is not None:
+                d["vhost_user"] = vhost_user_spec(vname, dname, d, vu.socket, lay.rundir,
+                                                  config_dir)
             devices.append(d)
         vms.append({"name": vname,
                     "ram": {"name": lay.ram_names[vname], "base": vm.memory_base,

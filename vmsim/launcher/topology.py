@@ -82,6 +82,25 @@ class Faults(Strict):
     refuse_features_ok: bool = False
 
 
+class VhostUserSpec(Strict):
+    """Where a device's data path runs when it leaves the host process: a vhost-user backend
+    vmsim starts for the device (spawn) or one already listening on a socket."""
+    spawn: bool = Field(False, description="start `vmsim backend TYPE` for this device")
+    socket: str | None = Field(None, description="connect to a vhost-user backend listening "
+                               "on this UNIX socket")
+
+    @model_validator(mode="after")
+    def _one(self) -> "VhostUserSpec":
+        if self.spawn == (self.socket is not None):
+            raise ValueError("expected exactly one of spawn: true or socket: PATH")
+        return self
+
+
+class ExternalBackendSpec(Strict):
+    """`backend: {vhost_user: {...}}`: the device's rings are served by another process."""
+    vhost_user: VhostUserSpec
+
+
 class DeviceBase(Strict):
     """What every device type has: its transport and the transport's settings."""
     transport: Literal["mmio", "mmio-legacy", "pci", "pci-legacy", "ccw"] = "mmio"
@@ -100,7 +119,9 @@ class BlkDeviceSpec(DeviceBase):
     features: FeatureSpec = Field(default_factory=FeatureSpec)
     faults: Faults = Field(default_factory=Faults)
     poll_us: int = Field(50, ge=0, le=1_000_000, description="driver busy-poll after work")
-    backend: Literal["file", "memory"] = "file"
+    backend: Literal["file", "memory"] | ExternalBackendSpec = Field(
+        "file", description="file, memory, or {vhost_user: {spawn: true} | {socket: PATH}}: "
+        "spawn serves the image file (path/size) from a `vmsim backend blk` process")
     path: str | None = None
     size: Size = 64 * MiB
     readonly: bool = False
@@ -155,7 +176,14 @@ class BlkDeviceSpec(DeviceBase):
         if self.backend == "memory" and self.path is not None:
             raise ValueError("path: a memory backend has no file; drop path or use "
                              "backend: file")
+        ext = self.backend if isinstance(self.backend, ExternalBackendSpec) else None
+        if ext is not None and ext.vhost_user.socket is not None and self.path is not None:
+            raise ValueError("path: the backend at the socket owns the disk; drop path")
         return self
+
+    def vhost_user(self) -> VhostUserSpec | None:
+        return self.backend.vhost_user if isinstance(self.backend, ExternalBackendSpec) \
+            else None
 
     def feature_bits(self) -> tuple[list[int], list[int]]:
         return (_feature_list(self.features.offer, B.FEATURE_NAMES, "features.offer"),
@@ -176,11 +204,23 @@ def _feature_list(names: list[str], device_names: dict[int, str], key: str) -> l
 class NetBackendSpec(Strict):
     switch: str | None = None
     tap: str | None = None
+    vhost_user: VhostUserSpec | None = Field(
+        None, description="{socket: PATH}: a vhost-user net backend serves the rings; "
+        "{spawn: true} with tap: `vmsim backend net` serves them onto the TAP")
 
     @model_validator(mode="after")
     def _one(self) -> "NetBackendSpec":
-        if (self.switch is None) == (self.tap is None):
-            raise ValueError("expected exactly one of switch: NAME or tap: IFNAME")
+        vu = self.vhost_user
+        if vu is not None and vu.socket is not None:
+            if self.switch is not None or self.tap is not None:
+                raise ValueError("vhost_user.socket: the backend at the socket owns the "
+                                 "frames; drop switch/tap")
+        elif vu is not None and self.tap is None:
+            raise ValueError("vhost_user.spawn: a spawned net backend needs tap: IFNAME "
+                             "(a switch lives in the host process)")
+        elif vu is None and (self.switch is None) == (self.tap is None):
+            raise ValueError("expected exactly one of switch: NAME, tap: IFNAME or "
+                             "vhost_user: {socket: PATH}")
         if self.tap is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", self.tap):
             raise ValueError(f"tap: expected an interface name of 1 to 15 characters, "
                              f"got {self.tap!r}")
@@ -224,6 +264,9 @@ class NetDeviceSpec(DeviceBase):
     def _ring_size(self) -> "NetDeviceSpec":
         _check_device(self)
         return self
+
+    def vhost_user(self) -> VhostUserSpec | None:
+        return self.backend.vhost_user
 
     def feature_bits(self) -> tuple[list[int], list[int]]:
         return (_feature_list(self.features.offer, N.FEATURE_NAMES, "features.offer"),
@@ -274,6 +317,9 @@ class ConsoleDeviceSpec(DeviceBase):
     features: FeatureSpec = Field(default_factory=FeatureSpec)
     faults: Faults = Field(default_factory=Faults)
     poll_us: int = Field(0, ge=0, le=1_000_000, description="unused by the console driver")
+    backend: ExternalBackendSpec | None = Field(
+        None, description="{vhost_user: ...}: the rings are served by a vhost-user console "
+        "backend (one port; spawn writes it to the port's file)")
 
     @field_validator("queue_size")
     @classmethod
@@ -303,7 +349,18 @@ class ConsoleDeviceSpec(DeviceBase):
             seen.add(p.name)
             if p.console and i and not self.multiport:
                 raise ValueError(f"ports.{i}.console: only port 0 without multiport")
+        if self.backend is not None:
+            p0 = self.ports[0]
+            if n > 1 or self.multiport:
+                raise ValueError("backend: a vhost-user console has port 0 only (no "
+                                 "multiport)")
+            if self.backend.vhost_user.spawn and (p0.backend != "file" or p0.app != "none"):
+                raise ValueError("ports.0: a spawned vhost-user console writes the port to a "
+                                 "file: backend: file, path: LOG, app: none")
         return self
+
+    def vhost_user(self) -> VhostUserSpec | None:
+        return self.backend.vhost_user if self.backend is not None else None
 
     def feature_bits(self) -> tuple[list[int], list[int]]:
         return (_feature_list(self.features.offer, CON.FEATURE_NAMES, "features.offer"),
