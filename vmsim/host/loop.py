@@ -50,7 +50,7 @@ class EventLoop:
 
     def add_device(self, dev: VirtioDevice) -> None:
         self.devices.append(dev)
-        for q in dev.queues:
+        for q in dev.queues if dev.rings_in_process else ():
             self.add_reader(q.kick.fileno(), self._kick_handler(dev, q))
         self.dirty = True
 

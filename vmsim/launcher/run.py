@@ -23,6 +23,7 @@ from typing import Any
 
 from vmsim.launcher import manifest as manifests
 from vmsim.launcher import spec as specs
+from vmsim.launcher.backends import Backends, BackendStartError
 from vmsim.launcher.observe import Observers
 from vmsim.launcher.summary import build_summary
 from vmsim.launcher.topology import Topology
@@ -133,6 +134,8 @@ class Run:
         self.director = director
         self._replies: dict[int, tuple[bool, Any]] = {}
         self._next_request = 1
+        self.backends: Backends | None = None
+        self.backends_failed = False
 
     # ---- entry -----------------------------------------------------------------------------------
     def execute(self) -> RunResult:
@@ -141,6 +144,7 @@ class Run:
             self._install_signals()
             self._create_objects()
             try:
+                self._start_backends()
                 self._start_host()
                 self._start_guests()
                 for line in specs.console_endpoints(self.host_spec):
@@ -241,6 +245,15 @@ class Run:
         c = Child(role, name, p, Channel(parent), os.pidfd_open(p.pid))
         self.children.append(c)
         return c
+
+    def _start_backends(self) -> None:
+        self.backends = Backends(self.rundir)
+        try:
+            self.backends.start(self.host_spec)
+        except BackendStartError as e:
+            self.problems.append(str(e))
+            self.backends_failed = True
+            raise _Abort() from None
 
     def _start_host(self) -> None:
         host = self._spawn("host", "host", "vmsim.host")
@@ -435,6 +448,9 @@ class Run:
         hosts = [c for c in self.children if c.role == "host"]
         self._stop(guests, GUEST_STOP_TIMEOUT_S)
         self._stop(hosts, HOST_STOP_TIMEOUT_S)
+        if self.backends is not None:          # after the host: it holds their sessions
+            self.problems.extend(self.backends.died())
+            self.problems.extend(self.backends.stop())
 
     def _snapshot_devices(self) -> None:
         """Device status and negotiated features as the run ends, before the guests remove
@@ -480,7 +496,7 @@ class Run:
             guest_reports={n: c.report for n, c in guests.items()},
             problems=self.problems, device_snapshot=self.device_snapshot,
             elapsed=(self.ended_at - self.started_at) if self.started_at else 0.0)
-        if self.problems and any(c.error for c in self.children):
+        if self.problems and (any(c.error for c in self.children) or self.backends_failed):
             code = EXIT_FAILED
         elif self.interrupts:
             code = EXIT_INTERRUPTED
@@ -516,6 +532,8 @@ class Run:
         if self.observers is not None:         # an error skipped the normal finish
             self.observers.close()
             self.observers = None
+        if self.backends is not None:
+            self.backends.kill()
         for c in self.children:
             if not c.exited:
                 try:

@@ -35,6 +35,8 @@ def queues_of(dev: Any) -> int:
     if dev.type == "blk":
         return dev.num_queues
     if dev.type == "net":
+        if dev.vhost_user() is not None:        # one pair, no control queue (as QEMU's)
+            return 2
         return 2 * dev.queue_pairs + 1          # the pairs, then the control queue
     if dev.type == "console":                   # port 0's pair (+ control, + the others')
         return CON.num_queues(bool(dev.multiport), dev.max_ports or len(dev.ports))
@@ -175,6 +177,7 @@ def host_spec(topo: Topology, lay: RunLayout, config_dir: Path) -> dict[str, Any
             if vu is not None:
                 d["vhost_user"] = vhost_user_spec(vname, dname, d, vu.socket, lay.rundir,
                                                   config_dir)
+                d["vhost_user"]["ram"] = lay.ram_names[vname]   # the fd handed over is RAM's
             devices.append(d)
         vms.append({"name": vname,
                     "ram": {"name": lay.ram_names[vname], "base": vm.memory_base,

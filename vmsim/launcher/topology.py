@@ -263,6 +263,9 @@ class NetDeviceSpec(DeviceBase):
     @model_validator(mode="after")
     def _ring_size(self) -> "NetDeviceSpec":
         _check_device(self)
+        if self.backend.vhost_user is not None and self.queue_pairs != 1:
+            raise ValueError("queue_pairs: a vhost-user net device has one pair (no control "
+                             "queue in the backend)")
         return self
 
     def vhost_user(self) -> VhostUserSpec | None:

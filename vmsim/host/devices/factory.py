@@ -11,6 +11,8 @@ from vmsim.host.devices.console.ports import HostPort
 from vmsim.host.devices.net.backend import NetBackend, SwitchBackend, TapBackend
 from vmsim.host.devices.net.device import NetDevice
 from vmsim.host.memory import GuestMemory
+from vmsim.host.vhost_user.connection import Connection, connect
+from vmsim.host.vhost_user.device import VhostUserDevice
 from vmsim.host.virtio.device import VirtioDevice
 from vmsim.machine.stats import StatsRegion
 
@@ -23,6 +25,8 @@ def make_device(spec: dict[str, Any], mem: GuestMemory, stats: StatsRegion,
     offer = sum(1 << b for b in spec.get("offer", []))
     withhold = sum(1 << b for b in spec.get("withhold", []))
     faults = spec.get("faults", {})
+    if spec.get("vhost_user") is not None:
+        return _make_vhost_user(spec, mem, dev_stats, queue_stats, offer, withhold, env)
     if spec["type"] == "blk":
         b = spec["blk"]
         if b["backend"] == "memory":
@@ -82,3 +86,31 @@ def _make_console(spec: dict[str, Any], mem: GuestMemory, dev_stats: memoryview 
             p.backend.close()
         raise
     return dev
+
+
+def _make_vhost_user(spec: dict[str, Any], mem: GuestMemory, dev_stats: memoryview | None,
+                     queue_stats: list[memoryview | None], offer: int, withhold: int,
+                     env: Any) -> VirtioDevice:
+    """A device whose rings a vhost-user backend serves: connect, handshake, and build the
+    host's half on what the backend offers."""
+    path = spec["vhost_user"]["socket"]
+    label = f"{env.vm}.{spec['name']}: vhost-user {path}"
+    conn = Connection(connect(path), label, path)
+    try:
+        conn.handshake()
+        net = spec.get("net", {})
+        dev = VhostUserDevice(
+            spec["name"], spec["type"], mem, spec["vhost_user"]["ram"], conn,
+            num_queues=spec.get("num_queues", 1) if spec["type"] != "net" else 2,
+            queue_size=spec["queue_size"], offer=offer, withhold=withhold,
+            packed=spec.get("ring") == "packed", dev_stats=dev_stats, queue_stats=queue_stats,
+            add_reader=env.loop.add_reader, remove_reader=env.loop.remove_reader,
+            refuse_features_ok=spec.get("faults", {}).get("refuse_features_ok", False),
+            mac=N.parse_mac(net["mac"]) if net else b"\0" * 6,
+            mtu=net.get("mtu", N.ETH_DATA_LEN))
+    except BaseException:
+        conn.close()
+        raise
+    dev.msix_vectors = spec.get("msix_vectors")
+    return dev
+

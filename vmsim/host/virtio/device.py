@@ -75,6 +75,9 @@ class VirtioDevice:
 
     device_id = 0
     feature_names: dict[int, str] = {}
+    # False for a device whose rings another process serves (vhost-user): the host loop
+    # neither polls its queues nor takes their kicks
+    rings_in_process = True
 
     def __init__(self, name: str, mem: GuestMemory, num_queues: int, queue_size: int,
                  device_features: int, dev_stats: memoryview | None,
