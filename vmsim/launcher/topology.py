@@ -13,7 +13,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -101,6 +103,13 @@ class ExternalBackendSpec(Strict):
     vhost_user: VhostUserSpec
 
 
+# A blk backend by name, or {vhost_user: ...}; the discriminator keeps a mistake's error to the
+# form the user wrote (not both forms' errors).
+BlkBackend = Annotated[
+    Annotated[Literal["file", "memory"], Tag("name")] | Annotated[ExternalBackendSpec, Tag("ext")],
+    Discriminator(lambda v: "ext" if isinstance(v, dict | ExternalBackendSpec) else "name")]
+
+
 class DeviceBase(Strict):
     """What every device type has: its transport and the transport's settings."""
     transport: Literal["mmio", "mmio-legacy", "pci", "pci-legacy", "ccw"] = "mmio"
@@ -119,7 +128,7 @@ class BlkDeviceSpec(DeviceBase):
     features: FeatureSpec = Field(default_factory=FeatureSpec)
     faults: Faults = Field(default_factory=Faults)
     poll_us: int = Field(50, ge=0, le=1_000_000, description="driver busy-poll after work")
-    backend: Literal["file", "memory"] | ExternalBackendSpec = Field(
+    backend: BlkBackend = Field(
         "file", description="file, memory, or {vhost_user: {spawn: true} | {socket: PATH}}: "
         "spawn serves the image file (path/size) from a `vmsim backend blk` process")
     path: str | None = None
