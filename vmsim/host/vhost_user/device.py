@@ -229,7 +229,9 @@ class VhostUserDevice(VirtioDevice):
     def _start(self) -> None:
         """vhost_dev_start: features, memory, then every ready ring."""
         c = self.conn
-        acked = self.driver_features
+        # only what the backend offered (QEMU's vhost_ack_features): bits the frontend provides
+        # itself (a net device's MAC, STATUS) are none of the backend's business
+        acked = self.driver_features & c.features
         if c.features & F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES):
             acked |= F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES)
         c.set(Req.SET_FEATURES, P.encode_u64(acked))
