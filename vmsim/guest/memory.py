@@ -13,6 +13,17 @@ class OutOfGuestMemory(MemoryError):
     """The allocator has no free extent large enough."""
 
 
+class DmaMappingError(MemoryError):
+    """A streaming mapping could not be made (dma_mapping_error): no IOVA space left, or the
+    IOMMU refused the MAP."""
+
+
+# enum dma_data_direction (include/linux/dma-direction.h): the device's access to a buffer.
+DMA_BIDIRECTIONAL = 0
+DMA_TO_DEVICE = 1       # the device reads it
+DMA_FROM_DEVICE = 2     # the device writes it
+
+
 class GuestRAM:
     """The mapped RAM object and its guest-physical placement."""
 
@@ -113,3 +124,11 @@ class DmaMemory:
 
     def free(self, gpa: int) -> None:
         self.allocator.free(gpa)
+
+    # dma-direct: without an IOMMU the device's address of a buffer is its guest-physical one.
+    def map_single(self, gpa: int, size: int, direction: int) -> int:
+        """dma_map_single: the address the device uses for [gpa, gpa+size)."""
+        return gpa
+
+    def unmap_single(self, dma_addr: int, size: int, direction: int) -> None:
+        """dma_unmap_single: the device may no longer reach the buffer."""

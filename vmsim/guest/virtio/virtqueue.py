@@ -16,12 +16,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from vmsim.abi import features as F
+from vmsim.guest.memory import DMA_FROM_DEVICE, DMA_TO_DEVICE, DmaMappingError
 from vmsim.machine.stats import LATENCY_SAMPLE_EVERY, Q, fold_histogram
 
 ENOSPC = -errno.ENOSPC
 EIO = -errno.EIO
+ENOMEM = -errno.ENOMEM
+DMA_MAPPING_ERROR = (1 << 64) - 1   # what a failed dma_map_* returns (~(dma_addr_t)0)
 
 Sg = tuple[int, int]  # (guest-physical address, length): one scatterlist entry
+# A mapped buffer's (device address, length, direction), to unmap it when it comes back.
+Mapping = tuple[int, int, int]
 
 # Entries of one indirect table. A chain with more segments goes direct (Linux falls back
 # when kmalloc of the table fails).
@@ -57,6 +62,8 @@ class Virtqueue:
         self.priv: Any = None           # the driver's per-queue data
         self.stats = stats
         self.dma = dma
+        self.dma_api = False            # vring_use_dma_api: buffers are mapped to add them
+        self.premapped = False          # virtqueue_set_dma_premapped: the driver maps them
         self._indirect_tables: dict[int, tuple[int, memoryview]] = {}
         # running counts, published to the stats record at batch boundaries
         self.n_added = 0
@@ -210,6 +217,94 @@ class Virtqueue:
         """No more latency samples (live stats are off)."""
         self.lat_mask = -1
 
+    # ---- the DMA API (vring_use_dma_api, vring_map_one_sg, virtqueue_dma_*) ---------------------
+    def use_dma_api(self) -> None:
+        """VIRTIO_F_ACCESS_PLATFORM was negotiated: the device reaches memory through the
+        platform (an IOMMU), so each buffer a driver adds is mapped through the device's DMA
+        API (vring_map_one_sg) and unmapped when the device is done with it (vring_unmap_one).
+        The ring formats are untouched: the mapped variants shadow add_sgs / get_buf /
+        detach_unused_buf on this queue only, so a queue without the DMA API pays nothing."""
+        self.dma_api = True
+        if not self.premapped:
+            self.add_sgs = self._add_sgs_mapped            # type: ignore[method-assign]
+            self.get_buf = self._get_buf_mapped            # type: ignore[method-assign]
+            self.detach_unused_buf = self._detach_unused_mapped  # type: ignore[method-assign]
+
+    def set_dma_premapped(self) -> int:
+        """virtqueue_set_dma_premapped: the driver maps its buffers itself (with
+        dma_map_single_attrs) and adds device addresses; only on an empty queue."""
+        if self.in_flight():
+            return -errno.EINVAL
+        self.premapped = True
+        for name in ("add_sgs", "get_buf", "detach_unused_buf"):
+            self.__dict__.pop(name, None)
+        return 0
+
+    def dma_map_single_attrs(self, addr: int, size: int, direction: int, attrs: int = 0) -> int:
+        """virtqueue_dma_map_single_attrs: the device address of a buffer a premapping
+        driver adds (its guest-physical address without the DMA API); DMA_MAPPING_ERROR
+        when it cannot be mapped."""
+        if not self.dma_api:
+            return addr
+        try:
+            return self.dma.map_single(addr, size, direction)
+        except DmaMappingError:
+            return DMA_MAPPING_ERROR
+
+    def dma_unmap_single_attrs(self, dma_addr: int, size: int, direction: int,
+                               attrs: int = 0) -> None:
+        """virtqueue_dma_unmap_single_attrs."""
+        if self.dma_api:
+            self.dma.unmap_single(dma_addr, size, direction)
+
+    @staticmethod
+    def dma_mapping_error(dma_addr: int) -> bool:
+        """virtqueue_dma_mapping_error."""
+        return dma_addr == DMA_MAPPING_ERROR
+
+    def dma_dev(self) -> Any:
+        """virtqueue_dma_dev: the device's DMA object, None without the DMA API."""
+        return self.dma if self.dma_api else None
+
+    def _add_sgs_mapped(self, out_sgs: Sequence[Sg], in_sgs: Sequence[Sg], data: Any) -> int:
+        maps: list[Mapping] = []
+        dma = self.dma
+        try:
+            for addr, n in out_sgs:
+                maps.append((dma.map_single(addr, n, DMA_TO_DEVICE), n, DMA_TO_DEVICE))
+            for addr, n in in_sgs:
+                maps.append((dma.map_single(addr, n, DMA_FROM_DEVICE), n, DMA_FROM_DEVICE))
+        except DmaMappingError:
+            self._unmap(maps)
+            return ENOMEM
+        k = len(out_sgs)
+        err = type(self).add_sgs(self, [(a, n) for a, n, _ in maps[:k]],
+                                 [(a, n) for a, n, _ in maps[k:]], (data, maps))
+        if err:
+            self._unmap(maps)
+        return err
+
+    def _get_buf_mapped(self) -> tuple[Any, int] | None:
+        got = type(self).get_buf(self)
+        if got is None:
+            return None
+        (data, maps), written = got
+        self._unmap(maps)
+        return data, written
+
+    def _detach_unused_mapped(self) -> Any:
+        got = type(self).detach_unused_buf(self)
+        if got is None:
+            return None
+        data, maps = got
+        self._unmap(maps)
+        return data
+
+    def _unmap(self, maps: list[Mapping]) -> None:
+        unmap = self.dma.unmap_single
+        for dma_addr, n, direction in maps:
+            unmap(dma_addr, n, direction)
+
     # ---- indirect tables -------------------------------------------------------------------------
     def _indirect_table(self, key: int) -> tuple[int, memoryview] | None:
         """The indirect table of a head (split) or buffer ID (packed): allocated on first use
@@ -253,6 +348,7 @@ RING_FEATURES_SUPPORTED = frozenset({
     F.VIRTIO_F_IN_ORDER,
     F.VIRTIO_F_NOTIFICATION_DATA,
     F.VIRTIO_F_RING_RESET,      # Linux keeps this one for PCI only; vmsim's MMIO has QueueReset
+    F.VIRTIO_F_ACCESS_PLATFORM,  # buffers go through the DMA API (use_dma_api)
 })
 
 

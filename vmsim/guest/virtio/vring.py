@@ -57,6 +57,10 @@ def vring_create_virtqueue(index: int, num: int, vring_align: int, dma: DmaMemor
                             name, stats)
     vq.ring_gpa = block
     vq.vring_align = vring_align
+    if F.has(features, F.VIRTIO_F_ACCESS_PLATFORM):
+        # The DMA hook: the ring itself came from `dma` (device addresses: IOVAs behind an
+        # IOMMU); the buffers drivers add are mapped per request.
+        vq.use_dma_api()
     return vq
 
 
