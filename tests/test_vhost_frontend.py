@@ -134,6 +134,8 @@ def test_blk_on_a_backend_at_a_socket_writes_the_image(tmp_path):
     assert disk[:100 * 512] == orig[:100 * 512] and disk[116 * 512:] == orig[116 * 512:]
     log = (tmp_path / "be.log").read_text()
     assert "frontend connected" in log and "1 flushes" in log.replace(",", ""), log
+    # CONFIGURE_MEM_SLOTS negotiated: guest RAM goes as one ADD_MEM_REG, as QEMU sends it
+    assert "memory: added MemRegion(" in log, log
 
 
 CONSOLE = """

@@ -129,6 +129,7 @@ class VhostUserDevice(VirtioDevice):
         self.mac, self.mtu, self.link_up = mac, mtu, True
         self.n_calls = 0
         self.live = False          # the backend has the features and memory (DRIVER_OK)
+        self.mem_sent = False
         self.n_ring_errors = 0
         self.backend_error = ""
         backend = conn.features & ~F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES)
@@ -235,12 +236,21 @@ class VhostUserDevice(VirtioDevice):
         if c.features & F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES):
             acked |= F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES)
         c.set(Req.SET_FEATURES, P.encode_u64(acked))
-        fd = shm.open_fd(self.ram_name)
-        try:
-            region = MemRegion(self.mem.base, self.mem.size, self.uva, 0)
-            c.set(Req.SET_MEM_TABLE, P.encode_mem_table([region]), fds=[fd])
-        finally:
-            os.close(fd)
+        if not self.mem_sent:
+            fd = shm.open_fd(self.ram_name)
+            try:
+                region = MemRegion(self.mem.base, self.mem.size, self.uva, 0)
+                if c.has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
+                    # as QEMU: the slots the backend has, then the region on its own
+                    if c.get_u64(Req.GET_MAX_MEM_SLOTS) < 1:
+                        raise VhostUserError(f"{c.label}: GET_MAX_MEM_SLOTS: no slot")
+                    c.set(Req.ADD_MEM_REG, P.encode_single_region(region), fds=[fd])
+                else:
+                    c.set(Req.SET_MEM_TABLE, P.encode_mem_table([region]), fds=[fd])
+            finally:
+                os.close(fd)
+            # the backend keeps its memory across a device reset: sent once per connection
+            self.mem_sent = True
         self.live = True
         for q in self.queues:
             if q.ready and not self.links[q.index].started:
