@@ -181,15 +181,23 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
                         "kicks sent / suppr.", "irqs sent / suppr.", "read", "written",
                         "p50 / p99"):
                 t.add_column(col, justify="right")
+            vu = dev.get("info", {}).get("vhost_user")
             for q in dev["queues"]:
+                # a vhost-user backend counts what it used and moved; the host does not see it
                 t.add_row(str(q["index"]), q["ring"], str(q["size"]), _n(q["added"]),
-                          _n(q["used"]), _n(q["in_flight"]),
+                          "-" if vu else _n(q["used"]), _n(q["in_flight"]),
                           f"{_n(q['kicks'])} / {_n(q['kicks_suppressed'])}",
                           f"{_n(q['interrupts'])} / {_n(q['interrupts_suppressed'])}",
-                          _bytes(q["bytes_read"]), _bytes(q["bytes_written"]),
+                          "-" if vu else _bytes(q["bytes_read"]),
+                          "-" if vu else _bytes(q["bytes_written"]),
                           f"{_us(q['latency']['p50_us'])} / {_us(q['latency']['p99_us'])}")
             console.print(t)
             console.print(f"  features: {' '.join(dev['features']) or '(none negotiated)'}")
+            if vu:
+                console.print(f"  vhost-user backend at {vu['socket']}: {_n(vu['messages'])} "
+                              f"messages, {_n(vu['calls'])} interrupts relayed, "
+                              f"{_n(vu['ring_errors'])} ring errors reported (used and bytes "
+                              f"are the backend's to count)")
             if dev.get("irq_mode"):
                 kinds = dev["exits"].get("by_kind", {})
                 console.print(f"  interrupts: {dev['irq_mode']}; exits by kind: "
