@@ -1,17 +1,18 @@
 """Process plumbing for the children of a run."""
 
 import ctypes
-import ctypes.util
 import os
 import signal
 
 _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
 
+# By name, not ctypes.util.find_library: that runs ldconfig in a subprocess, a fork of every
+# vmsim process at import (seen as a second host in the process table, and slower).
 try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-except OSError:  # pragma: no cover
-    _libc = None
+    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:  # pragma: no cover - not glibc
+    _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
