@@ -13,7 +13,6 @@ import os
 import random
 import re
 import select
-import shutil
 import signal
 import socket
 import struct
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import qemu_guest as qg
 
 from vmsim.abi import blk as B
 from vmsim.abi import features as F
@@ -44,12 +44,14 @@ IMAGE_SIZE = 4 << 20
 class Backend:
     """`python -m vmsim backend ...` in a subprocess, its stderr kept."""
 
-    def __init__(self, tmp: Path, *args: str, stdin=subprocess.DEVNULL) -> None:
+    def __init__(self, tmp: Path, *args: str, stdin=subprocess.DEVNULL,
+                 prefix: tuple[str, ...] = ()) -> None:
+        """`prefix`: what runs it (`ip netns exec NS`, which execs it in the namespace)."""
         self.sock = str(tmp / "vhost.sock")
         self.errpath = tmp / "backend.err"
         self.err = open(self.errpath, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmsim", "backend", *args, "--socket", self.sock],
+            [*prefix, sys.executable, "-m", "vmsim", "backend", *args, "--socket", self.sock],
             stdin=stdin, stdout=subprocess.DEVNULL, stderr=self.err)
         deadline = time.monotonic() + 15
         while not os.path.exists(self.sock):
@@ -667,70 +669,7 @@ def test_blk_backend_throughput(tmp_path, image):
 
 
 # ---- QEMU: a real Linux guest ------------------------------------------------------------------
-QEMU = shutil.which("qemu-system-x86_64")
-BUSYBOX = shutil.which("busybox")
-
-
-def _kernel() -> str | None:
-    ks = sorted(Path("/boot").glob("vmlinuz-*"))
-    return str(ks[-1]) if ks else None
-
-
-# Debian builds virtio as modules: the initramfs carries them, loaded in this order.
-MODULES = ("virtio/virtio_ring.ko", "virtio/virtio.ko", "virtio/virtio_pci_legacy_dev.ko",
-           "virtio/virtio_pci_modern_dev.ko", "virtio/virtio_pci.ko", "block/virtio_blk.ko")
-
-
-def _modules_dir(k: str | None) -> Path | None:
-    if k is None:
-        return None
-    d = Path("/lib/modules") / Path(k).name.removeprefix("vmlinuz-") / "kernel/drivers"
-    return d if all((d / m).is_file() for m in MODULES) else None
-
-
-def _kernel_readable(k: str | None) -> bool:
-    return k is not None and os.access(k, os.R_OK) and _modules_dir(k) is not None
-
-
-def _static(exe: str | None) -> bool:
-    """A statically linked executable (no ELF interpreter): busybox-static's, not busybox's."""
-    if exe is None:
-        return False
-    with open(exe, "rb") as f:
-        head = f.read(4096)
-    return b"/ld-linux" not in head and b"ld-musl" not in head
-
-
-pytest_qemu = pytest.mark.skipif(
-    not (QEMU and _static(BUSYBOX) and _kernel_readable(_kernel())),
-    reason="needs qemu-system-x86 (qemu-system-x86_64), linux-image-amd64 (/boot/vmlinuz-*, "
-           "its virtio modules) and busybox-static: .ci/run installs them with apt-get")
-
-
-def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
-    """A cpio archive in the newc format the kernel unpacks as its initramfs."""
-    out = bytearray()
-    ino = 1
-    for name, mode, data in [*entries, ("TRAILER!!!", 0, b"")]:
-        nb = name.encode() + b"\0"
-        hdr = "070701" + "".join(f"{v:08x}" for v in (
-            ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nb), 0))
-        out += hdr.encode() + nb
-        out += bytes(-len(out) % 4)
-        out += data
-        out += bytes(-len(out) % 4)
-        ino += 1
-    return bytes(out)
-
-
-INIT = """#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-echo "VMSIM: booted"
-for m in /modules/*.ko; do insmod $m; done
-i=0
+INIT = """i=0
 while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 echo "VMSIM: features $(cat /sys/block/vda/device/features 2>/dev/null)"
 echo "VMSIM: size $(cat /sys/block/vda/size)"
@@ -752,25 +691,11 @@ poweroff -f
 """
 
 
-def _initramfs(tmp: Path) -> Path:
-    busybox = Path(BUSYBOX).read_bytes()
-    entries = [("bin", 0o40755, b""), ("dev", 0o40755, b""), ("proc", 0o40755, b""),
-               ("sys", 0o40755, b""), ("tmp", 0o41777, b""),
-               ("modules", 0o40755, b""),
-               ("bin/busybox", 0o100755, busybox), ("init", 0o100755, INIT.encode())]
-    mods = _modules_dir(_kernel())
-    for k, m in enumerate(MODULES):     # numbered: the shell's glob keeps this order
-        entries.append((f"modules/{k}-{Path(m).name}", 0o100644, (mods / m).read_bytes()))
-    p = tmp / "initramfs.cpio"
-    p.write_bytes(_cpio_newc(entries))
-    return p
-
-
 def _md5(b: bytes) -> str:
     return hashlib.md5(b).hexdigest()
 
 
-@pytest_qemu
+@qg.needs_qemu(qg.BLK_MODULES)
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_qemu_linux_guest_on_vhost_user_blk(tmp_path, image, packed):
@@ -778,29 +703,19 @@ def test_qemu_linux_guest_on_vhost_user_blk(tmp_path, image, packed):
     blk`: it reads the whole disk, writes, and reads back with O_DIRECT; the host checks the
     image afterwards."""
     orig = image.read_bytes()
-    initrd = _initramfs(tmp_path)
+    initrd = qg.initramfs(tmp_path, INIT, qg.BLK_MODULES)
     be = Backend(tmp_path, "blk", "--image", str(image), "--trace")
     console = tmp_path / "console.log"
     try:
-        cmd = [QEMU, "-machine", "q35", "-accel", "tcg", "-m", "256M", "-smp", "1",
-               "-nographic", "-no-reboot", "-nodefaults", "-serial", f"file:{console}",
-               "-kernel", _kernel(), "-initrd", str(initrd),
-               "-append", "console=ttyS0 quiet panic=-1 rdinit=/init",
-               "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
-               "-numa", "node,memdev=mem",
-               "-chardev", f"socket,id=c,path={be.sock}",
-               "-device", "vhost-user-blk-pci,chardev=c" + (",packed=on" if packed else "")]
-        q = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           timeout=150)
+        cmd = qg.qemu_command(initrd, console, [
+            "-chardev", f"socket,id=c,path={be.sock}",
+            "-device", "vhost-user-blk-pci,chardev=c" + (",packed=on" if packed else "")])
+        q = qg.run_qemu(cmd, timeout=150)
         out = console.read_text(errors="replace") if console.exists() else ""
         assert "VMSIM: done" in out, (q.stdout.decode(errors="replace"), out, be.log())
     finally:
         assert be.stop() == 0
-    lines = {}
-    for line in out.splitlines():
-        if line.startswith("VMSIM: "):
-            key, _, val = line[7:].partition(" ")
-            lines[key] = val
+    lines = qg.lines(out)
     feats = lines["features"].strip()
     # the negotiated bits as Linux shows them: one character per bit, from bit 0
     assert feats[F.VIRTIO_F_VERSION_1] == "1"

@@ -223,7 +223,8 @@ def _serve_backend(make_device, path: str, trace: bool) -> None:
     try:
         device = make_device()
     except OSError as e:
-        _fail(f"backend: {e.filename or ''}: {e.strerror}", 1)
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(f"backend: {where}{e.strerror or e}", 1)
     try:
         sys.exit(Server(device, path, trace=trace).run())
     except BackendError as e:
@@ -261,4 +262,35 @@ def backend_console(path: str, output: str | None, no_input: bool, no_packed: bo
     def make():
         out = open(output, "ab") if output else sys.stdout.buffer  # noqa: SIM115
         return ConsoleVhostDevice(not no_packed, out, None if no_input else sys.stdin.fileno())
+    _serve_backend(make, path, trace)
+
+
+@backend.command("net")
+@click.option("--socket", "path", required=True, type=click.Path(dir_okay=False),
+              help="The vhost-user socket to listen on.")
+@click.option("--tap", required=True, metavar="IFNAME",
+              help="The TAP interface the frames go to and come from (created if absent).")
+@click.option("--mac", default="52:54:00:12:34:56", show_default=True,
+              help="The MAC address in the config space (QEMU's virtio-net uses its own).")
+@click.option("--mtu", default=1500, show_default=True, type=int,
+              help="Offered with VIRTIO_NET_F_MTU when not 1500.")
+@click.option("--queue-pairs", default=1, show_default=True, type=int,
+              help="Receive/transmit queue pairs (VIRTIO_NET_F_MQ above 1).")
+@click.option("--no-packed", is_flag=True, help="Do not offer VIRTIO_F_RING_PACKED.")
+@click.option("--trace", is_flag=True, help="Log every message from the frontend.")
+def backend_net(path: str, tap: str, mac: str, mtu: int, queue_pairs: int, no_packed: bool,
+                trace: bool) -> None:
+    """virtio-net on a TAP interface (no control queue: the frontend keeps it)."""
+    from vmsim.abi import net as N
+    from vmsim.vhost.net import NetVhostDevice
+    try:
+        mac_bytes = N.parse_mac(mac)
+    except ValueError as e:
+        _fail(f"backend: --mac: {e}", 2)
+
+    def make():
+        try:
+            return NetVhostDevice(tap, mac_bytes, mtu, queue_pairs, packed=not no_packed)
+        except ValueError as e:
+            _fail(f"backend: {e}", 2)
     _serve_backend(make, path, trace)

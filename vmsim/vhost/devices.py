@@ -5,6 +5,7 @@ the frontend shared (vmsim.vhost.memory).
 """
 
 import os
+from collections.abc import Callable
 from typing import BinaryIO
 
 from vmsim.abi import blk as B
@@ -55,8 +56,12 @@ class VhostDevice:
         RingError on a malformed ring or request."""
         raise NotImplementedError
 
+    def bind(self, ready: Callable[[int], bool] | None) -> None:
+        """A session began (`ready(index)`: whether ring `index` is served now, started and
+        enabled) or ended (None). A device spreading input over queues asks it."""
+
     def readable_fds(self) -> list[int]:
-        """fds of the device's own backend to watch (console input)."""
+        """fds of the device's own backend to watch (console input, a TAP)."""
         return []
 
     def on_readable(self, fd: int) -> None:

@@ -17,9 +17,11 @@ import stat
 import sys
 from collections.abc import Callable
 
+from vmsim.abi import features as F
+from vmsim.vhost import protocol as P
 from vmsim.vhost.devices import VhostDevice
 from vmsim.vhost.session import Session, SessionError
-from vmsim.vhost.wire import PeerClosed, WireError, recv_message
+from vmsim.vhost.wire import Message, PeerClosed, WireError, recv_message
 
 
 class BackendError(Exception):
@@ -52,6 +54,23 @@ def _listen(path: str) -> socket.socket:
         raise BackendError(f"cannot listen on {path}: {e.strerror}") from None
     ls.listen(4)
     return ls
+
+
+class _Session(Session):
+    """Session with one rule relaxed to what QEMU does. QEMU's vhost-user checks
+    VHOST_USER_F_PROTOCOL_FEATURES in the features the backend *offered* before it sends
+    SET_VRING_ENABLE, and virtio-net sends one per queue pair when the device is realized,
+    before SET_FEATURES (hw/net/virtio-net.c peer_attach / peer_detach); refusing it there
+    ends every QEMU net session. (Belongs in Session itself: reported.)"""
+
+    def _set_vring_enable(self, msg: Message) -> None:
+        index, num = P.decode_state(msg.payload)
+        v = self._vring(index, "SET_VRING_ENABLE")
+        if not self.offered & F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES):
+            raise SessionError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
+        v.enabled = bool(num)
+        if v.enabled:
+            self.serve(v)       # kicks that came while it was disabled were not served
 
 
 class Server:
@@ -101,8 +120,15 @@ class Server:
     def _session(self, conn: socket.socket, wake_fd: int) -> None:
         n = self.sessions
         self.log(f"session {n}: frontend connected")
-        s = Session(conn, self.device, lambda m: self.log(f"session {n}: {m}"), self.trace)
+        s = _Session(conn, self.device, lambda m: self.log(f"session {n}: {m}"), self.trace)
         why = "frontend disconnected"
+
+        def ready(index: int) -> bool:
+            # as Session.serve decides: started, not broken, enabled (or no protocol features)
+            v = s.vrings[index]
+            return v.queue is not None and not v.broken and (
+                v.enabled or not s.features & F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES))
+        self.device.bind(ready)
         try:
             while not self.stop:
                 # The fds are gathered afresh each pass (select, not a registered epoll set):
@@ -143,6 +169,7 @@ class Server:
                               f"{v.calls} calls" for v in s.vrings)
             s.log(f"{why}; {s.messages} messages; {stats}; device so far: "
                   f"{self.device.describe()}")
+            self.device.bind(None)
             s.close()
             conn.close()
 
