@@ -3,6 +3,8 @@
 and Linux's vringh pair them).
 
     pop / pop_batch       take available chains, validated (RingError on a bad one)
+    pop_bufs / push_used  the batch paths: every available one-descriptor buffer as numpy
+                          arrays; many used buffers published with one index store
     fill / flush / push   write used elements; publish them; both
     fill_batch            fill a batch and flush once
     need_notify           whether the driver wants an interrupt for what was used
@@ -14,9 +16,26 @@ and Linux's vringh pair them).
 """
 
 from time import monotonic_ns
+from typing import NamedTuple
+
+import numpy as np
 
 from vmsim.host.virtio.chain import DescChain
 from vmsim.machine.stats import Q
+
+
+class Bufs(NamedTuple):
+    """One-descriptor buffers popped as a batch: their heads (split) or buffer ids (packed),
+    RAM offsets, lengths, and whether each is device-writable."""
+
+    heads: np.ndarray
+    off: np.ndarray
+    len: np.ndarray
+    writable: np.ndarray
+
+
+_none = np.zeros(0, np.intp)
+EMPTY_BUFS = Bufs(_none, _none, _none, np.zeros(0, bool))
 
 
 class DeviceQueue:
@@ -46,6 +65,16 @@ class DeviceQueue:
 
     # ---- the interface ---------------------------------------------------------------------------
     def pop_batch(self, limit: int = 1 << 16) -> list[DescChain]:
+        raise NotImplementedError
+
+    def pop_bufs(self, limit: int = 1 << 16) -> Bufs | None:
+        """Every available one-descriptor buffer as arrays (see the formats); None when the
+        next entry is anything else, for pop_batch to take or report."""
+        raise NotImplementedError
+
+    def push_used(self, heads: np.ndarray, written: "np.ndarray | int") -> None:
+        """Return many buffers, `written` bytes each (an array or one number for all),
+        published at once."""
         raise NotImplementedError
 
     def pop(self) -> DescChain | None:
