@@ -404,22 +404,30 @@ def test_tap_that_cannot_be_created_is_one_line(tmp_path, netns):
 # ---- QEMU: a real Linux guest ------------------------------------------------------------------
 NBYTES = 256 << 10
 
+
+def init(send_cpus: int) -> str:
+    """The guest's script; its TCP sender runs on the CPUs of mask `send_cpus` (Linux's
+    virtio_net maps CPU N to transmit queue N: with two pairs, ping goes out on the first
+    and the sender's data on the second)."""
+    return INIT.replace("SENDCPUS", str(send_cpus))
+
+
 INIT = f"""i=0
 while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 echo "VMSIM: features $(cat /sys/class/net/eth0/device/features)"
 ip link set lo up
 ip addr add {GUEST_IP}/24 dev eth0
 ip link set eth0 up
-ping -c 1 -W 10 {HOST_IP} > /tmp/ping0 2>&1
+taskset 1 ping -c 1 -W 10 {HOST_IP} > /tmp/ping0 2>&1
 echo "VMSIM: first $(grep -o '[0-9]*% packet loss' /tmp/ping0)"
-ping -c 5 -i 0.2 -W 5 {HOST_IP} > /tmp/ping 2>&1
+taskset 1 ping -c 5 -i 0.2 -W 5 {HOST_IP} > /tmp/ping 2>&1
 cat /tmp/ping0 /tmp/ping
 echo "VMSIM: ping $(grep -o '[0-9]*% packet loss' /tmp/ping)"
 nc -l -p 7777 > /tmp/got
 echo "VMSIM: got $(md5sum < /tmp/got | cut -d' ' -f1) $(wc -c < /tmp/got)"
 dd if=/dev/urandom of=/tmp/rnd bs=4096 count={NBYTES // 4096} 2>/dev/null
 echo "VMSIM: sent $(md5sum < /tmp/rnd | cut -d' ' -f1)"
-nc {HOST_IP} 7778 < /tmp/rnd > /dev/null
+taskset SENDCPUS nc {HOST_IP} 7778 < /tmp/rnd > /dev/null
 echo "VMSIM: done"
 poweroff -f
 """
@@ -458,13 +466,15 @@ print(json.dumps({{"sent": hashlib.md5(data).hexdigest(), "got": hashlib.md5(got
 
 @qg.needs_qemu(qg.NET_MODULES)
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
-def test_qemu_linux_guest_on_vhost_user_net(tmp_path, netns, packed):
+@pytest.mark.parametrize("packed,pairs", [(False, 1), (True, 1), (False, 2)],
+                         ids=["split", "packed", "split-2-pairs"])
+def test_qemu_linux_guest_on_vhost_user_net(tmp_path, netns, packed, pairs):
     """A real Linux virtio_net driver (Debian's kernel under QEMU TCG, QEMU's virtio-net-pci
     with a vhost-user netdev) on `vmsim backend net` over a TAP in a namespace: the guest
-    pings the TAP's address, the host pings the guest, and 256 KiB go each way over TCP."""
-    initrd = qg.initramfs(tmp_path, INIT, qg.NET_MODULES)
-    be = net_backend(tmp_path, netns, "--trace")
+    pings the TAP's address, the host pings the guest, and 256 KiB go each way over TCP.
+    With two queue pairs the guest has two CPUs and Linux uses both pairs."""
+    initrd = qg.initramfs(tmp_path, init(2 if pairs > 1 else 1), qg.NET_MODULES)
+    be = net_backend(tmp_path, netns, "--trace", "--queue-pairs", str(pairs))
     assert _in_ns(netns, "ip", "addr", "add", f"{HOST_IP}/24", "dev", TAP).returncode == 0
     peer = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", PEER],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -474,10 +484,11 @@ def test_qemu_linux_guest_on_vhost_user_net(tmp_path, netns, packed):
         assert peer.stdout.readline().strip() == "listening", peer.stderr.read()
         cmd = qg.qemu_command(initrd, console, [
             "-chardev", f"socket,id=c,path={be.sock}",
-            "-netdev", "vhost-user,id=n,chardev=c",
+            "-netdev", f"vhost-user,id=n,chardev=c,queues={pairs}",
             # vectors=0: QEMU 7.2 under TCG crashes in MSI-X setup for vhost-user net otherwise
             "-device", "virtio-net-pci,netdev=n,vectors=0,mac=52:54:00:12:34:57"
-            + (",packed=on" if packed else "")])
+            + (",packed=on" if packed else "") + (",mq=on" if pairs > 1 else "")],
+            smp=pairs)
         qemu = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 90
 
@@ -507,6 +518,9 @@ def test_qemu_linux_guest_on_vhost_user_net(tmp_path, netns, packed):
     assert feats[F.VIRTIO_F_VERSION_1] == "1"
     assert feats[F.VIRTIO_F_RING_PACKED] == ("1" if packed else "0")
     assert feats[N.VIRTIO_NET_F_MRG_RXBUF] == "1"
+    # checksum offload both ways: TCP frames go to the TAP with NEEDS_CSUM
+    assert feats[N.VIRTIO_NET_F_CSUM] == feats[N.VIRTIO_NET_F_GUEST_CSUM] == "1"
+    assert feats[N.VIRTIO_NET_F_MQ] == ("1" if pairs > 1 else "0")
     assert lines["first"] == "0% packet loss", out     # ARP resolved, the path is up
     assert lines["ping"] == "0% packet loss", out
     assert " 0% packet loss" in host_ping, host_ping
@@ -518,3 +532,7 @@ def test_qemu_linux_guest_on_vhost_user_net(tmp_path, netns, packed):
     # 5 + 5 pings, ARP, and 256 KiB each way in frames of at most 1514 bytes
     assert rx > NBYTES // 1514 and tx > NBYTES // 1514, log
     assert "SET_VRING_ENABLE" in log and "closed:" not in log, log
+    kicks = {int(r): int(k) for r, k in re.findall(r"ring (\d+): (\d+) kicks", log)}
+    assert sorted(kicks) == list(range(2 * pairs))
+    # every transmit queue carried frames: ping's on the first, the sender's on the last
+    assert all(kicks[2 * p + 1] > 0 for p in range(pairs)), log
