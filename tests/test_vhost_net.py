@@ -27,12 +27,12 @@ from pathlib import Path
 
 import pytest
 import qemu_guest as qg
-from test_vhost_user import Backend, Frontend
+from test_vhost_user import RAM_GPA, UVA, Backend, Frontend
 
 from vmsim.abi import features as F
 from vmsim.abi import net as N
 from vmsim.vhost import protocol as P
-from vmsim.vhost.protocol import Req
+from vmsim.vhost.protocol import MemRegion, ProtocolFeature, Req, pbit
 from vmsim.vhost.wire import PeerClosed, recv_message, send_message
 
 pytestmark = pytest.mark.multiprocess
@@ -536,3 +536,36 @@ def test_qemu_linux_guest_on_vhost_user_net(tmp_path, netns, packed, pairs):
     assert sorted(kicks) == list(range(2 * pairs))
     # every transmit queue carried frames: ping's on the first, the sender's on the last
     assert all(kicks[2 * p + 1] > 0 for p in range(pairs)), log
+
+
+@pytest.mark.timeout(60)
+def test_same_region_added_once_per_pair(tmp_path, netns):
+    """What QEMU's multiqueue netdev does (a vhost device per pair, one connection): the
+    same region added twice; removing it once leaves the rings running on it, removing it
+    again takes it away (a third removal is an error that ends the session)."""
+    be = net_backend(tmp_path, netns, "--queue-pairs", "2")
+    ps = packet_socket(netns, TAP)
+    try:
+        fe = Frontend(be.sock)
+        fe.negotiate(NET_WANT, pbit(ProtocolFeature.CONFIGURE_MEM_SLOTS))
+        region = P.encode_single_region(MemRegion(RAM_GPA, fe.ram_size, UVA, 0))
+        for _ in range(2):
+            assert P.decode_u64(fe.call(Req.ADD_MEM_REG, region, fds=[fe.memfd],
+                                        need_reply=True)) == 0
+        for i in range(4):
+            fe.setup_ring(i, 64)
+        assert P.decode_u64(fe.call(Req.REM_MEM_REG, region, need_reply=True)) == 0
+        out = [frame(random.Random(2), 90)]
+        transmit(fe, 1, out)
+        fe.wait_used(1, 1)
+        assert recv_frames(ps, 1) == out
+        assert P.decode_u64(fe.call(Req.REM_MEM_REG, region, need_reply=True)) == 0
+        fe.sock.settimeout(5)
+        send_message(fe.sock, Req.REM_MEM_REG, region)
+        with pytest.raises(PeerClosed):
+            recv_message(fe.sock)
+        fe.close()
+        be.wait_log("no such region")
+    finally:
+        ps.close()
+        assert be.stop() == 0
