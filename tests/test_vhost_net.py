@@ -418,10 +418,12 @@ echo "VMSIM: features $(cat /sys/class/net/eth0/device/features)"
 ip link set lo up
 ip addr add {GUEST_IP}/24 dev eth0
 ip link set eth0 up
-taskset 1 ping -c 1 -W 10 {HOST_IP} > /tmp/ping0 2>&1
-echo "VMSIM: first $(grep -o '[0-9]*% packet loss' /tmp/ping0)"
+# ARP and the path up: one ping answered (retried: see the warmup count), then the measured 5
+n=0
+until taskset 1 ping -c 1 -W 5 {HOST_IP} > /dev/null 2>&1 || [ $n -ge 3 ]; do n=$((n+1)); done
+echo "VMSIM: warmup $n"
 taskset 1 ping -c 5 -i 0.2 -W 5 {HOST_IP} > /tmp/ping 2>&1
-cat /tmp/ping0 /tmp/ping
+cat /tmp/ping
 echo "VMSIM: ping $(grep -o '[0-9]*% packet loss' /tmp/ping)"
 nc -l -p 7777 > /tmp/got
 echo "VMSIM: got $(md5sum < /tmp/got | cut -d' ' -f1) $(wc -c < /tmp/got)"
@@ -521,7 +523,10 @@ def test_qemu_linux_guest_on_vhost_user_net(tmp_path, netns, packed, pairs):
     # checksum offload both ways: TCP frames go to the TAP with NEEDS_CSUM
     assert feats[N.VIRTIO_NET_F_CSUM] == feats[N.VIRTIO_NET_F_GUEST_CSUM] == "1"
     assert feats[N.VIRTIO_NET_F_MQ] == ("1" if pairs > 1 else "0")
-    assert lines["first"] == "0% packet loss", out     # ARP resolved, the path is up
+    # the first ping after link-up was, rarely and only with two QEMU guests at once on the
+    # two cores, unanswered (ARP resolved); it is retried and counted, the 5 after it must
+    # all be answered
+    assert int(lines["warmup"]) < 3, out
     assert lines["ping"] == "0% packet loss", out
     assert " 0% packet loss" in host_ping, host_ping
     peer = json.loads(peer_out.strip().splitlines()[-1])
