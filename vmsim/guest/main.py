@@ -21,7 +21,8 @@ from vmsim.guest.css import ChannelSubsystem, CssError
 from vmsim.guest.drivers.blk import BlkDriver
 from vmsim.guest.drivers.console import ConsoleDriver
 from vmsim.guest.drivers.net import NetDriver
-from vmsim.guest.memory import DmaMemory, GuestRAM
+from vmsim.guest.iommu import IommuDriver, IommuProbeError
+from vmsim.guest.memory import DeviceDma, DmaMemory, GuestRAM
 from vmsim.guest.ops import GuestOps, OpError
 from vmsim.guest.pci import scan_bus
 from vmsim.guest.platform import IrqController, Platform
@@ -61,6 +62,7 @@ class Guest:
         self.trap: Channel | None = None
         self.ram: GuestRAM | None = None
         self.dma: DmaMemory | None = None
+        self.iommu: IommuDriver | None = None
         self.stats: StatsRegion | None = None
         self.platform: Platform | None = None
         self.irqc = IrqController()
@@ -104,6 +106,8 @@ class Guest:
             line = e["irq"]     # a number, or a tuple such as ("msix", slot, vector)
             self.irqc.add_line(tuple(line) if isinstance(line, list) else line, efd)
         self.irqc.start()
+        if desc.get("iommu"):
+            self._probe_iommu(desc["iommu"])
         poll = spec.get("driver_poll_us", {})
         self.bus.register_driver(BlkDriver(self.dma, lambda name: int(poll.get(name, 0))))
         self.bus.register_driver(ConsoleDriver(self.dma))
@@ -132,9 +136,32 @@ class Guest:
             return self.stats.queue(recs[i]) if i < len(recs) else None
         return rec
 
+    def _probe_iommu(self, node: dict[str, Any]) -> None:
+        """The IOMMU first (as the kernel probes it before the devices behind it): each of
+        its endpoints is attached to a domain of its own."""
+        try:
+            self.iommu = IommuDriver(self.platform, self.dma, node)
+        except IommuProbeError as e:
+            for name in node.get("endpoints", {}):
+                self.probe_errors[name] = f"iommu: {e}"
+            log.warning("iommu: %s", e)
+            return
+        for name, ep in self.iommu.endpoints.items():
+            status = self.iommu.attach(ep, ep)
+            if status:
+                self.probe_errors[name] = f"iommu: ATTACH of endpoint {ep} failed ({status})"
+
+    def _dev_dma(self, name: str) -> Any:
+        """The DMA object of a device: its own, translating through its IOMMU domain, when
+        the firmware puts it behind the IOMMU; else the shared direct one."""
+        if self.iommu is not None and name in self.iommu.endpoints:
+            ep = self.iommu.endpoints[name]
+            return DeviceDma(self.dma, self.iommu, ep)
+        return self.dma
+
     def _probe_mmio(self, node: dict[str, Any]) -> None:
         name = node["name"]
-        t = VirtioMmio(self.platform, self.irqc, self.dma, node["base"], node["irq"],
+        t = VirtioMmio(self.platform, self.irqc, self._dev_dma(name), node["base"], node["irq"],
                        self._queue_stats(name))
         try:
             vdev = t.probe(name, self._dev_stats(name))
@@ -152,6 +179,7 @@ class Guest:
         """A device its transport found: onto the virtio bus, which probes its driver."""
         self.transports[name] = t
         self.devices[name] = vdev
+        vdev.dma = getattr(t, "dma", None)
         err = self.bus.register_device(vdev)
         if err or vdev.driver is None:
             self.probe_errors[name] = vdev.probe_error or f"probe failed ({err})"
@@ -196,7 +224,7 @@ class Guest:
             found.append(name)
             self.probe_errors.pop(name, None)
             try:
-                t = virtio_pci_probe(self.platform, self.irqc, self.dma, pdev, name,
+                t = virtio_pci_probe(self.platform, self.irqc, self._dev_dma(name), pdev, name,
                                      self._dev_stats(name),
                                      self._queue_stats(name))
             except PciProbeError as e:
@@ -277,6 +305,10 @@ class Guest:
         """Copy every running count into the stats region (from the main thread)."""
         for w in self.workloads:
             w.publish_stats()
+        for vdev in self.devices.values():
+            if isinstance(vdev.dma, DeviceDma):
+                # lazy IOMMU mode: unmaps deferred more than 10 ms reach the IOMMU now
+                vdev.dma.flush()
         if not queues:
             return
         for vdev in self.devices.values():
@@ -361,6 +393,7 @@ class Guest:
                 "config_interrupts": t.config_interrupts,
                 "safety_polls": t.safety_polls,
                 "irq_mode": getattr(t, "irq_mode", "") or None,   # how interrupts come
+                "dma": vdev.dma.describe() if isinstance(vdev.dma, DeviceDma) else None,
             }
         for name, err in self.probe_errors.items():
             devices.setdefault(name, {"driver": None, "probe_error": err})

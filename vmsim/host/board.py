@@ -3,6 +3,7 @@ transport is given (register windows, interrupt lines, PCI slots, subchannels), 
 routing of trapped accesses to whoever owns the address.
 
     guest-physical map (as on QEMU's arm "virt" machine where it has an equivalent)
+      0x0900_0000  the IOMMU's registers (when a device sits behind it)
       0x0a00_0000  virtio-mmio windows, 0x200 bytes each
       0x1000_0000  PCI memory BARs (assigned here, as firmware would)
       0x3000_0000  PCI ECAM configuration space (bus 0)
@@ -14,6 +15,7 @@ routing of trapped accesses to whoever owns the address.
 from collections.abc import Callable
 from typing import Any
 
+IOMMU_BASE = 0x0900_0000
 MMIO_BASE = 0x0A00_0000
 MMIO_STRIDE = 0x200
 PCI_MMIO_BASE = 0x1000_0000

@@ -13,11 +13,15 @@ import os
 import socket
 from typing import Any
 
+from vmsim.abi import features as F
 from vmsim.abi import status as S
+from vmsim.host import board
 from vmsim.host.board import Board
 from vmsim.host.devices.factory import make_device
+from vmsim.host.iommu import Iommu
+from vmsim.host.iommu_device import IommuDevice
 from vmsim.host.loop import EventLoop
-from vmsim.host.memory import GuestMemory
+from vmsim.host.memory import GuestMemory, IotlbMemory
 from vmsim.host.switch import Switch
 from vmsim.host.virtio.device import VirtioDevice
 from vmsim.host.virtio.transport import HostTransport
@@ -49,8 +53,12 @@ class HostVM:
         self.devices: list[VirtioDevice] = []
         self.transports: list[HostTransport] = []
         env = DeviceEnv(self.name, loop, switches or {})
+        self.iommu: IommuDevice | None = None
         for dspec in spec["devices"]:
-            dev = make_device(dspec, self.mem, stats, env)
+            dev = make_device(dspec, self._device_memory(dspec), stats, env)
+            if dspec.get("iommu"):
+                # Behind the IOMMU the device offers ACCESS_PLATFORM: its driver must map.
+                dev.device_features |= 1 << F.VIRTIO_F_ACCESS_PLATFORM
             t = make_transport(dspec.get("transport", "mmio"), dev, self.board,
                                adapter_interrupts=dspec.get("adapter_interrupts", True))
             if not dspec.get("plugged", True):
@@ -69,6 +77,29 @@ class HostVM:
         self.listener.bind(self.control_path)
         self.listener.listen(1)
         loop.add_reader(self.listener.fileno(), self._on_accept)
+
+    def _device_memory(self, dspec: dict[str, Any]) -> GuestMemory | IotlbMemory:
+        """What a device reaches guest memory through: RAM, or behind the IOMMU its
+        endpoint's IOTLB (the IOMMU and its register window are made with the first such
+        device; endpoints are numbered from 1 in device order)."""
+        if not dspec.get("iommu"):
+            return self.mem
+        if self.iommu is None:
+            self.iommu = IommuDevice(Iommu(self.mem.base, self.mem.size), self.mem,
+                                     board.IOMMU_BASE)
+            self.board.mmio.add(self.iommu.region())
+        iommu = self.iommu.iommu
+        ep = len(iommu.endpoints) + 1
+        iommu.add_endpoint(ep, dspec["name"])
+
+        def fault(_e: Exception) -> None:
+            iommu.faults += 1
+        mem = IotlbMemory(self.mem, lambda: iommu.iotlb(ep), f"{dspec['name']}, endpoint {ep}",
+                          fault)
+        # For whoever serves the device's rings elsewhere (a vhost-user frontend subscribes
+        # to the endpoint's mappings and forwards them as IOTLB messages).
+        mem.iommu, mem.endpoint = iommu, ep
+        return mem
 
     # ---- the trap channel ------------------------------------------------------------------------
     def _on_accept(self, _fd: int) -> None:
@@ -175,7 +206,8 @@ class HostVM:
                 "mmio": [n for n in nodes if n["type"] == "virtio-mmio"],
                 "pci": self.board.pci.describe() if self.board.pci is not None else None,
                 "css": self.board.css.describe() if self.board.css is not None else None,
-                "ioeventfds": ioeventfds, "irqfds": irqfds}
+                "ioeventfds": ioeventfds, "irqfds": irqfds,
+                "iommu": self.iommu.boot_node() if self.iommu is not None else None}
         return desc, fds
 
     # ---- report & teardown -----------------------------------------------------------------------
@@ -198,6 +230,7 @@ class HostVM:
                    and not dev.status & S.DRIVER_OK else dev.describe()),
             }
         return {"devices": devs, "unassigned_accesses": self.unassigned,
+                "iommu": self.iommu.describe() if self.iommu is not None else None,
                 "guest_gone": self.guest_gone, "host_errors": list(self.host_errors)}
 
     def close(self) -> None:

@@ -152,6 +152,7 @@ def host_spec(topo: Topology, lay: RunLayout, config_dir: Path) -> dict[str, Any
                 "msix_vectors": getattr(dev, "msix_vectors", None),
                 "plugged": dev.plugged,
                 "adapter_interrupts": dev.adapter_interrupts,
+                "iommu": dev.iommu,
                 "device_record": lay.device_records[(vname, dname)],
                 "queue_records": lay.queue_records[(vname, dname)],
             }

@@ -73,6 +73,13 @@ def _check_device(dev: Any) -> None:
     if dev.ring == "packed" and dev.transport.endswith("legacy"):
         raise ValueError(f"ring: a {dev.transport} device cannot have packed rings (legacy "
                          f"virtio predates them; use transport {dev.transport[:-7]})")
+    if dev.iommu and dev.transport not in ("mmio", "pci"):
+        raise ValueError(f"iommu: a device behind the IOMMU negotiates VIRTIO_F_ACCESS_PLATFORM "
+                         f"(bit 33), which needs virtio 1 on mmio or pci; this one is on "
+                         f"{dev.transport}")
+    if dev.iommu and dev.vhost_user() is not None:
+        raise ValueError("iommu: not with a vhost-user backend yet (the frontend does not "
+                         "forward IOTLB updates to it)")
 
 
 class FeatureSpec(Strict):
@@ -117,6 +124,9 @@ class DeviceBase(Strict):
                           "hot-plugs the device")
     adapter_interrupts: bool = Field(True, description="ccw: offer adapter (two-level) "
                                      "indicators; false: classic indicators only")
+    iommu: bool = Field(False, description="true: the device sits behind the board's IOMMU and "
+                        "offers VIRTIO_F_ACCESS_PLATFORM; it reaches guest memory only "
+                        "through the mappings its driver makes")
 
 
 class BlkDeviceSpec(DeviceBase):

@@ -93,6 +93,9 @@ class VirtioDevice:
         self.probe_error = ""
         self.stats = stats
         self.n_config_changed = 0
+        # The DMA object of the device (its parent's dma ops): the shared direct one, or a
+        # DeviceDma behind an IOMMU; set when the device is registered.
+        self.dma: Any = None
 
     # ---- helpers drivers use ---------------------------------------------------------------------
     def has_feature(self, bit: int) -> bool:
@@ -288,7 +291,15 @@ class VirtioBus:
 
     @staticmethod
     def _features_ok(dev: VirtioDevice) -> int:
-        """virtio_features_ok: set FEATURES_OK and read it back (a modern device may refuse)."""
+        """virtio_features_ok: set FEATURES_OK and read it back (a modern device may refuse).
+
+        The device's DMA object learns here whether device addresses are IOVAs: with
+        VIRTIO_F_ACCESS_PLATFORM the device goes through the platform's IOMMU (if it sits
+        behind one), without it the device bypasses it (the "DMA quirk") and rings and
+        buffers are placed by guest-physical address."""
+        set_translated = getattr(dev.dma, "set_translated", None)
+        if set_translated is not None:
+            set_translated(dev.has_feature(F.VIRTIO_F_ACCESS_PLATFORM))
         if not dev.has_feature(F.VIRTIO_F_VERSION_1):
             return 0   # legacy devices have no FEATURES_OK
         dev.add_status(S.FEATURES_OK)
