@@ -98,11 +98,17 @@ def run(config: str | None, duration: float | None, json_path: str | None, quiet
 @click.option("--stats-cost", is_flag=True,
               help="Instead: 4 KiB reads with live stats off, on, and with the dashboard "
                    "drawn at 4 and 10 Hz (what observing a run costs it).")
+@click.option("--vhost-scaling", is_flag=True,
+              help="Instead: 1, 2 and 4 VMs with a blk device each, served in-process and by "
+                   "vhost-user backends (aggregate req/s, CPU per request by process).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
               metavar="FILE", help="Write the results as JSON to FILE.")
-def bench(seconds: float, rounds: int, matrix: bool, stats_cost: bool,
+def bench(seconds: float, rounds: int, matrix: bool, stats_cost: bool, vhost_scaling: bool,
           json_path: str | None) -> None:
     """Measure vmsim against a multiprocessing.Pipe + msgpack baseline in the same run."""
+    if vhost_scaling:
+        from vmsim.bench.vhost_scaling import run_vhost_scaling
+        sys.exit(run_vhost_scaling(seconds, rounds, json_path))
     if stats_cost:
         from vmsim.bench.stats_cost import run_stats_cost
         sys.exit(run_stats_cost(seconds, rounds, json_path))

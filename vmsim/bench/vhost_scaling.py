@@ -118,3 +118,27 @@ def format_table(results: list[dict[str, Any]]) -> list[str]:
                      f"{r['backend_cpu_us_per_request']:>10.1f} "
                      f"{r['guest_cpu_us_per_request']:>13.1f}")
     return lines
+
+
+def run_vhost_scaling(seconds: float, rounds: int, json_path: str | None) -> int:
+    """`vmsim bench --vhost-scaling`: the table, with the machine's parallelism beside it."""
+    import json
+
+    from vmsim.bench.cpu import parallelism
+    before = parallelism()
+    results = run_scaling(seconds, rounds=rounds)
+    after = parallelism()
+    print(f"vhost-user scaling: {seconds:g} s windows, median of {rounds} round(s); "
+          f"cpu parallelism {before:.2f} before, {after:.2f} after (2.0 = two free cores)")
+    for line in format_table(results):
+        print(line)
+    by = {(r["devices"], r["mode"]): r["requests_per_s"] for r in results}
+    for n in sorted({r["devices"] for r in results}):
+        if (n, "in-process") in by and (n, "vhost-user") in by:
+            print(f"{n} device(s): vhost-user / in-process = "
+                  f"{by[(n, 'vhost-user')] / by[(n, 'in-process')]:.2f}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"bench": "vhost-scaling", "seconds": seconds, "rounds": rounds,
+                       "cpu_parallelism": [before, after], "results": results}, f, indent=1)
+    return 0
