@@ -423,3 +423,18 @@ def test_real_ping_through_a_spawned_net_backend_on_a_tap(tmp_path, netns):  # n
     dev = s["vms"]["vm0"]["devices"]["eth0"]
     assert "RING_PACKED" in dev["features"] and dev["info"]["vhost_user"]["calls"] >= 5
     assert not s["problems"], s["problems"]
+
+
+@pytest.mark.timeout(120)
+def test_vhost_scaling_bench_measures_both_ways(tmp_path, monkeypatch):
+    """The scaling benchmark's machinery (not its figures): one VM each way, a short window,
+    requests counted from the stats region and CPU read from /proc for every process kind."""
+    monkeypatch.chdir(tmp_path)
+    from vmsim.bench.vhost_scaling import format_table, run_case
+    rs = [run_case(1, False, 0.5), run_case(1, True, 0.5)]
+    for r in rs:
+        assert r["requests"] > 100 and r["requests_per_s"] > 0, r
+        assert r["guest_cpu_us_per_request"] > 0 and r["host_cpu_us_per_request"] > 0, r
+    assert rs[0]["backend_cpu_us_per_request"] == 0
+    assert rs[1]["backend_cpu_us_per_request"] > 0
+    assert len(format_table(rs)) == 3
