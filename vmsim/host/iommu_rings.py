@@ -12,6 +12,8 @@ empty, so those paths refuse every chain and hand it to the walk here. A fault r
 frontend for the missing translation and retries).
 """
 
+from collections.abc import Callable
+
 from vmsim.abi import packed_ring as P
 from vmsim.abi import split_ring as R
 from vmsim.host.iommu import PERM_R, PERM_W
@@ -84,6 +86,25 @@ def _buffer(mem: IotlbMemory, addr: int, ln: int, write: bool, what: str,
         lens.append(n)
 
 
+def _one_by_one(pop: Callable[[int], list[DescChain]], limit: int) -> list[DescChain]:
+    """pop_batch a chain at a time: a fault at the k-th chain hands back the chains before it
+    (the base pop_batch consumes them and raises), and the faulting chain, not consumed,
+    raises on the next call. A backend that asks its frontend for a missing translation
+    loses nothing, and serves the rest once the answer came."""
+    out: list[DescChain] = []
+    while len(out) < limit:
+        try:
+            got = pop(1)
+        except IotlbRingError:
+            if out:
+                return out
+            raise
+        if not got:
+            break
+        out += got
+    return out
+
+
 class TranslatedSplitQueue(SplitQueue):
     """A split ring whose addresses are IOVAs."""
 
@@ -103,6 +124,9 @@ class TranslatedSplitQueue(SplitQueue):
     def pop_bufs(self, limit: int = 1 << 16) -> None:
         """The batch path reads descriptors as guest-physical: never here."""
         return None
+
+    def pop_batch(self, limit: int = 1 << 16) -> list[DescChain]:
+        return _one_by_one(super().pop_batch, limit)
 
     def _walk(self, chain: DescChain, head: int) -> None:
         mem = self.mem
@@ -186,6 +210,9 @@ class TranslatedPackedQueue(PackedQueue):
 
     def pop_bufs(self, limit: int = 1 << 16) -> None:
         return None
+
+    def pop_batch(self, limit: int = 1 << 16) -> list[DescChain]:
+        return _one_by_one(super().pop_batch, limit)
 
     def _walk(self, pos: int, wrap: int) -> tuple[DescChain, int]:
         mem = self.mem

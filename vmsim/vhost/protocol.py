@@ -253,3 +253,41 @@ def split_packed_base(num: int) -> tuple[int, int, int, int]:
     used = num >> 16 & 0xFFFF or avail
     return (avail & 0x7FFF, avail >> PACKED_WRAP_BIT & 1,
             used & 0x7FFF, used >> PACKED_WRAP_BIT & 1)
+
+
+# ---- IOTLB (VIRTIO_F_IOMMU_PLATFORM, the spec's VIRTIO_F_ACCESS_PLATFORM) ------------------------
+class BackendReq(IntEnum):
+    """Back-end requests, sent on the channel SET_BACKEND_REQ_FD gave (previously "slave")."""
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
+    VRING_CALL = 4
+    VRING_ERR = 5
+
+
+# struct vhost_iotlb_msg { u64 iova; u64 size; u64 uaddr; u8 perm; u8 type; } - 26 bytes of
+# fields, 32 with the C struct's tail padding (what QEMU and DPDK send).
+IOTLB = struct.Struct("<QQQBB")
+IOTLB_WIRE_SIZE = 32
+VHOST_ACCESS_RO = 0x1
+VHOST_ACCESS_WO = 0x2
+VHOST_ACCESS_RW = 0x3
+VHOST_IOTLB_MISS = 1
+VHOST_IOTLB_UPDATE = 2
+VHOST_IOTLB_INVALIDATE = 3
+VHOST_IOTLB_ACCESS_FAIL = 4
+VHOST_IOTLB_BATCH_BEGIN = 5
+VHOST_IOTLB_BATCH_END = 6
+IOTLB_TYPE_NAMES = {VHOST_IOTLB_MISS: "MISS", VHOST_IOTLB_UPDATE: "UPDATE",
+                    VHOST_IOTLB_INVALIDATE: "INVALIDATE", VHOST_IOTLB_ACCESS_FAIL: "ACCESS_FAIL",
+                    VHOST_IOTLB_BATCH_BEGIN: "BATCH_BEGIN", VHOST_IOTLB_BATCH_END: "BATCH_END"}
+
+
+def encode_iotlb(iova: int, size: int, uaddr: int, perm: int, typ: int) -> bytes:
+    return IOTLB.pack(iova, size, uaddr, perm, typ).ljust(IOTLB_WIRE_SIZE, b"\0")
+
+
+def decode_iotlb(payload: bytes) -> tuple[int, int, int, int, int]:
+    """(iova, size, uaddr, perm, type)."""
+    _need(payload, IOTLB.size, "vhost_iotlb_msg")
+    return IOTLB.unpack_from(payload)

@@ -8,10 +8,15 @@ line before it closes the connection. A bad ring (what the guest wrote) is not t
 frontend's fault: that ring stops being served, the error fd is signalled, the session goes on.
 """
 
+import os
 import socket
+import time
 from collections.abc import Callable
 
 from vmsim.abi import features as F
+from vmsim.host.iommu import PERM_NAMES, IommuFault, Iotlb
+from vmsim.host.iommu_rings import IotlbRingError
+from vmsim.host.memory import IotlbMemory
 from vmsim.host.virtio.errors import RingError
 from vmsim.vhost import protocol as P
 from vmsim.vhost.devices import VhostDevice
@@ -22,7 +27,17 @@ from vmsim.vhost.wire import Message, send_message
 
 PROTOCOL_FEATURES = (pbit(ProtocolFeature.MQ) | pbit(ProtocolFeature.REPLY_ACK)
                      | pbit(ProtocolFeature.CONFIG) | pbit(ProtocolFeature.RESET_DEVICE)
-                     | pbit(ProtocolFeature.CONFIGURE_MEM_SLOTS))
+                     | pbit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+                     | pbit(ProtocolFeature.BACKEND_REQ))
+# VIRTIO_F_IOMMU_PLATFORM (the spec's ACCESS_PLATFORM): offered always, as DPDK's backends do
+# with IOMMU support; a frontend acks it only when its device sits behind a vIOMMU. It needs
+# REPLY_ACK and BACKEND_REQ (QEMU refuses it without them): IOTLB updates are acknowledged,
+# misses are asked on the backend channel.
+IOMMU_PLATFORM = F.bit(F.VIRTIO_F_ACCESS_PLATFORM)
+IOMMU_PROTOCOL = pbit(ProtocolFeature.REPLY_ACK) | pbit(ProtocolFeature.BACKEND_REQ)
+# A ring waiting for the translation of an IOTLB miss longer than this is stopped at the next
+# event (a message or a kick): the frontend sends nothing for an IOVA its guest did not map.
+IOTLB_MISS_TIMEOUT_S = 1.0
 
 
 class SessionError(Exception):
@@ -38,18 +53,27 @@ class Session:
         self.trace = trace
         self.device = device
         self.log = log
-        self.offered = device.features | F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES)
+        self.offered = (device.features | F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES)
+                        | IOMMU_PLATFORM)
         self.features = 0
         self.protocol_features = 0
         self.owner = False
         self.mem = MemoryTable()
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self.messages = 0
+        self.backend_sock: socket.socket | None = None   # SET_BACKEND_REQ_FD's channel
+        # IOTLB: the frontend's entries (targets its user addresses) and the same entries
+        # by guest-physical address in the memory window (what the rings translate with)
+        self.iotlb_uva = Iotlb()
+        self.iotlb_gpa = Iotlb()
+        self.iotlb_mem: IotlbMemory | None = None
+        self.misses = self.iotlb_updates = self.iotlb_invalidates = 0
 
     # ---- messages --------------------------------------------------------------------------------
     def handle(self, msg: Message) -> None:
         """Act on one message and send its reply, if it has one."""
         self.messages += 1
+        self._check_misses()
         try:
             req = Req(msg.request)
         except ValueError:
@@ -91,8 +115,12 @@ class Session:
         if acked & ~self.offered:
             raise SessionError(f"SET_FEATURES 0x{acked:x} has bits not offered "
                                f"(0x{acked & ~self.offered:x})")
+        if acked & IOMMU_PLATFORM and self.protocol_features & IOMMU_PROTOCOL != IOMMU_PROTOCOL:
+            raise SessionError("SET_FEATURES acks VIRTIO_F_IOMMU_PLATFORM without the protocol "
+                               "features it needs (REPLY_ACK and BACKEND_REQ)")
         self.features = acked
-        self.device.set_features(acked & ~F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES))
+        self.device.set_features(acked & ~(F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES)
+                                           | IOMMU_PLATFORM))
 
     def _get_protocol_features(self, msg: Message) -> bytes:
         self._need_protocol("GET_PROTOCOL_FEATURES")
@@ -131,6 +159,8 @@ class Session:
         self.vrings = [Vring(i) for i in range(self.device.num_queues)]
         self.features = 0
         self.device.set_features(0)
+        self.iotlb_uva.clear()
+        self.iotlb_gpa.clear()
 
     def _get_queue_num(self, msg: Message) -> bytes:
         self._has_protocol(ProtocolFeature.MQ, "GET_QUEUE_NUM")
@@ -149,6 +179,7 @@ class Session:
         self.device.attach(None)
         change()
         self.device.attach(self.mem.mem)
+        self._rebuild_iotlb()
         for v, base in running:
             v.base = base
             self._start(v)
@@ -256,12 +287,23 @@ class Session:
             return
         packed = bool(self.features & F.bit(F.VIRTIO_F_RING_PACKED))
         try:
-            # user addresses of desc, avail (driver area), used (device area) -> guest-physical
-            gpas = (self.mem.uva_to_gpa(v.desc_uva, 16),
-                    self.mem.uva_to_gpa(v.avail_uva, 4),
-                    self.mem.uva_to_gpa(v.used_uva, 4))
-            v.start(mem, gpas, packed, F.has(self.features, F.VIRTIO_RING_F_EVENT_IDX),
-                    F.has(self.features, F.VIRTIO_RING_F_INDIRECT_DESC))
+            if self.iommu:
+                # "Guest addresses are also called I/O virtual addresses (IOVAs). They are
+                # translated to user addresses via the IOTLB": ring addresses too.
+                v.start(self._iotlb_memory(), (v.desc_uva, v.avail_uva, v.used_uva), packed,
+                        F.has(self.features, F.VIRTIO_RING_F_EVENT_IDX),
+                        F.has(self.features, F.VIRTIO_RING_F_INDIRECT_DESC))
+            else:
+                # user addresses of desc, avail (driver area), used (device area) ->
+                # guest-physical
+                gpas = (self.mem.uva_to_gpa(v.desc_uva, 16),
+                        self.mem.uva_to_gpa(v.avail_uva, 4),
+                        self.mem.uva_to_gpa(v.used_uva, 4))
+                v.start(mem, gpas, packed, F.has(self.features, F.VIRTIO_RING_F_EVENT_IDX),
+                        F.has(self.features, F.VIRTIO_RING_F_INDIRECT_DESC))
+        except IotlbRingError as e:
+            self._iotlb_fault(v, e)
+            return
         except (RingError, MemoryTableError) as e:
             self._broken(v, str(e))
             return
@@ -275,7 +317,8 @@ class Session:
     def kick(self, v: Vring) -> None:
         """The ring's kick fd was readable (already drained by the caller)."""
         v.kicks += 1
-        if not v.started:
+        self._check_misses()
+        if not v.started and not v.broken:
             self._start(v)
         if not self.serve(v):
             v.spurious_kicks += 1
@@ -283,7 +326,7 @@ class Session:
     def serve(self, v: Vring) -> int:
         """Serve a started, enabled ring until it is empty; the buffers used."""
         q = v.queue
-        if q is None or v.broken:
+        if q is None or v.broken or v.iotlb_wait is not None:
             return 0
         # Without protocol features rings are enabled once started; with them, only after
         # SET_VRING_ENABLE 1.
@@ -307,6 +350,8 @@ class Session:
                 idle = 0 if n else idle + 1
                 if idle >= 2:
                     break
+        except IotlbRingError as e:
+            self._iotlb_fault(v, e)
         except RingError as e:
             self._broken(v, str(e))
         return total
@@ -316,3 +361,170 @@ class Session:
             v.close()
         self.device.attach(None)
         self.mem.close()
+        if self.backend_sock is not None:
+            self.backend_sock.close()
+            self.backend_sock = None
+
+    # ---- IOTLB (VIRTIO_F_IOMMU_PLATFORM) -----------------------------------------------------
+    @property
+    def iommu(self) -> bool:
+        return bool(self.features & IOMMU_PLATFORM)
+
+    def _iotlb_memory(self) -> IotlbMemory:
+        window = self.mem.mem
+        if self.iotlb_mem is None or self.iotlb_mem.ram is not window:
+            self.iotlb_mem = IotlbMemory(window, lambda: self.iotlb_gpa, "vhost-user IOTLB")
+        return self.iotlb_mem
+
+    def _set_backend_req_fd(self, msg: Message) -> None:
+        self._has_protocol(ProtocolFeature.BACKEND_REQ, "SET_BACKEND_REQ_FD")
+        if len(msg.fds) != 1:
+            raise SessionError(f"SET_BACKEND_REQ_FD with {len(msg.fds)} fds, expected 1")
+        fd = msg.take_fd()
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            os.close(fd)
+            raise SessionError(f"SET_BACKEND_REQ_FD: not a socket ({e.strerror})") from None
+        if self.backend_sock is not None:
+            self.backend_sock.close()
+        self.backend_sock = sock
+        self.log("backend channel set")
+
+    def _gpa_pieces(self, uaddr: int, size: int) -> list[tuple[int, int]] | None:
+        """[uaddr, uaddr+size) of the frontend as guest-physical pieces (one per memory
+        region it crosses), or None if a byte of it is in no region."""
+        out = []
+        at, left = uaddr, size
+        while left:
+            for sl in self.mem.slots:
+                r = sl.region
+                if r.uva <= at < r.uva + r.size:
+                    n = min(left, r.uva + r.size - at)
+                    out.append((at - r.uva + r.gpa, n))
+                    at += n
+                    left -= n
+                    break
+            else:
+                return None
+        return out
+
+    def _insert_gpa(self, iova: int, size: int, uaddr: int, perm: int) -> bool:
+        pieces = self._gpa_pieces(uaddr, size)
+        if pieces is None:
+            return False
+        for gpa, n in pieces:
+            self.iotlb_gpa.insert(iova, n, gpa, perm)
+            iova += n
+        return True
+
+    def _rebuild_iotlb(self) -> None:
+        """The memory table changed: the entries' user addresses may lie elsewhere now."""
+        self.iotlb_gpa.clear()
+        for iova, size, uaddr, perm in self.iotlb_uva.entries():
+            if not self._insert_gpa(iova, size, uaddr, perm):
+                self.iotlb_uva.remove(iova, size)
+                self.log(f"IOTLB entry IOVA 0x{iova:x}+0x{size:x} dropped: its user address "
+                         f"0x{uaddr:x} is in no memory region now")
+
+    def _iotlb_msg(self, msg: Message) -> bool:
+        """IOTLB_MSG: an UPDATE or INVALIDATE from the frontend; False (a non-zero reply)
+        for one the backend cannot take, with a line saying why."""
+        iova, size, uaddr, perm, typ = P.decode_iotlb(msg.payload)
+        name = P.IOTLB_TYPE_NAMES.get(typ, f"type {typ}")
+
+        def refuse(why: str) -> bool:
+            self.log(f"IOTLB_MSG {name} IOVA 0x{iova:x}+0x{size:x} refused: {why}")
+            return False
+        if not self.iommu:
+            return refuse("VIRTIO_F_IOMMU_PLATFORM was not negotiated")
+        if typ in (P.VHOST_IOTLB_BATCH_BEGIN, P.VHOST_IOTLB_BATCH_END):
+            return True         # hints: each update takes effect at once here
+        if typ not in (P.VHOST_IOTLB_UPDATE, P.VHOST_IOTLB_INVALIDATE):
+            return refuse("a frontend sends UPDATE or INVALIDATE")
+        if size == 0 or iova + size > 1 << 64:
+            return refuse("empty, or wraps past 2^64")
+        if typ == P.VHOST_IOTLB_INVALIDATE:
+            self.iotlb_invalidates += 1
+            self.iotlb_uva.remove(iova, size)
+            self.iotlb_gpa.remove(iova, size)
+            self._invalidate_rings(iova, size)
+            return True
+        if perm not in (P.VHOST_ACCESS_RO, P.VHOST_ACCESS_WO, P.VHOST_ACCESS_RW):
+            return refuse(f"permission {perm}")
+        if uaddr + size > 1 << 64 or self._gpa_pieces(uaddr, size) is None:
+            return refuse(f"user address range 0x{uaddr:x}+0x{size:x} is not within the "
+                          f"memory regions")
+        self.iotlb_updates += 1
+        # An update replaces what it overlaps (a mapping changed under the same IOVA).
+        self.iotlb_uva.remove(iova, size)
+        self.iotlb_gpa.remove(iova, size)
+        self.iotlb_uva.insert(iova, size, uaddr, perm)
+        self._insert_gpa(iova, size, uaddr, perm)
+        self._retry(iova, size)
+        return True
+
+    def _invalidate_rings(self, iova: int, size: int) -> None:
+        """A started ring whose areas were invalidated is rebuilt where it is (and asks for
+        the translation again), as vhost drops its cached ring translations."""
+        for v in self.vrings:
+            q = v.queue
+            if q is None:
+                continue
+            areas = ((q.desc_addr, 1), (q.avail_addr, 1), (q.used_addr, 1))
+            if any(a < iova + size and iova < a + n for a, n in areas) or any(
+                    iova <= a < iova + size for a, _ in areas):
+                v.base = v.positions()
+                v.stop()
+                self._start(v)
+
+    def _retry(self, iova: int, size: int) -> None:
+        """Rings that waited for a translation in [iova, iova+size) go on."""
+        for v in self.vrings:
+            w = v.iotlb_wait
+            if w is not None and iova <= w[0] < iova + size:
+                v.iotlb_wait = None
+                if v.started:
+                    self.serve(v)
+                else:
+                    self._start(v)
+
+    def _iotlb_fault(self, v: Vring, e: IotlbRingError) -> None:
+        """A translation the ring needs is missing (ask the frontend: IOTLB miss) or lacks
+        the access's permission (the guest's error: ACCESS_FAIL, the ring stops)."""
+        f: IommuFault = e.fault
+        perm = f.perm
+        if f.kind == "unmapped" and self.backend_sock is not None:
+            self.misses += 1
+            w = v.iotlb_wait
+            since = w[2] if w is not None and w[:2] == (f.iova, perm) else time.monotonic()
+            v.iotlb_wait = (f.iova, perm, since)
+            self._send_backend(f.iova, perm, P.VHOST_IOTLB_MISS)
+            return
+        if f.kind == "permission":
+            self._send_backend(f.iova, perm, P.VHOST_IOTLB_ACCESS_FAIL)
+            self._broken(v, str(e))
+            return
+        self._broken(v, f"{e}; no backend channel (BACKEND_REQ) to ask the frontend for it")
+
+    def _send_backend(self, iova: int, perm: int, typ: int) -> None:
+        sock = self.backend_sock
+        if sock is None:
+            return
+        try:
+            send_message(sock, P.BackendReq.IOTLB_MSG, P.encode_iotlb(iova, 0, 0, perm, typ))
+        except OSError as err:
+            self.log(f"backend channel: {err.strerror or err}; closed")
+            sock.close()
+            self.backend_sock = None
+
+    def _check_misses(self) -> None:
+        """Stop the rings whose miss the frontend left unanswered too long."""
+        now = time.monotonic()
+        for v in self.vrings:
+            w = v.iotlb_wait
+            if w is not None and now - w[2] > IOTLB_MISS_TIMEOUT_S:
+                v.iotlb_wait = None
+                self._broken(v, f"IOTLB miss for IOVA 0x{w[0]:x} ({PERM_NAMES[w[1]]}) not "
+                                f"answered by the frontend within {IOTLB_MISS_TIMEOUT_S:g} s: "
+                                f"the guest did not map it")

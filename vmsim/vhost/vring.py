@@ -10,7 +10,8 @@ VHOST_USER_F_PROTOCOL_FEATURES was negotiated, then SET_VRING_ENABLE switches th
 import os
 
 from vmsim.abi import split_ring as R
-from vmsim.host.memory import GuestMemory, GuestMemoryError
+from vmsim.host.iommu_rings import TranslatedPackedQueue, TranslatedSplitQueue
+from vmsim.host.memory import GuestMemory, GuestMemoryError, IotlbMemory
 from vmsim.host.virtio.errors import Reason, RingError
 from vmsim.host.virtio.queue import DeviceQueue
 from vmsim.host.virtio.queue_packed import PackedQueue
@@ -44,6 +45,9 @@ class Vring:
         self.enabled = False
         self.queue: DeviceQueue | None = None
         self.broken = ""            # why the ring stopped being served (a guest error)
+        # VIRTIO_F_IOMMU_PLATFORM: the (iova, perm, since) of a translation asked of the
+        # frontend (an IOTLB miss); the ring waits for the UPDATE that covers it
+        self.iotlb_wait: tuple[int, int, float] | None = None
         # counters over the backend's lifetime (reported by the session)
         self.kicks = 0
         self.spurious_kicks = 0
@@ -86,17 +90,21 @@ class Vring:
                 pass
 
     # ---- start / stop ----------------------------------------------------------------------------
-    def start(self, mem: GuestMemory, gpas: tuple[int, int, int], packed: bool,
+    def start(self, mem: GuestMemory | IotlbMemory, gpas: tuple[int, int, int], packed: bool,
               event_idx: bool, indirect: bool) -> None:
-        """Build the device-side queue at the ring's base (RingError if the ring is bad)."""
+        """Build the device-side queue at the ring's base (RingError if the ring is bad).
+        With an IotlbMemory the addresses are IOVAs and the queue translates every one."""
         desc, avail, used = gpas
         q: DeviceQueue
+        translated = isinstance(mem, IotlbMemory)
+        split_cls = TranslatedSplitQueue if translated else SplitQueue
+        packed_cls = TranslatedPackedQueue if translated else PackedQueue
         if packed:
             a_idx, a_wrap, u_idx, u_wrap = P.split_packed_base(self.base)
             if a_idx >= self.num or u_idx >= self.num:
                 raise RingError(Reason.INVALID_RING_SIZE, f"packed base 0x{self.base:x} for size "
                                 f"{self.num}")
-            q = PackedQueue(mem, self.num, desc, avail, used, event_idx, indirect)
+            q = packed_cls(mem, self.num, desc, avail, used, event_idx, indirect)
             q.last_avail_idx, q.avail_wrap_counter = a_idx, a_wrap
             q.used_idx, q.used_wrap_counter = u_idx, u_wrap
         else:
@@ -106,7 +114,7 @@ class Vring:
                 used_idx = mem.translate(used + 2, 2).cast("H")[0]
             except GuestMemoryError:
                 used_idx = 0    # the constructor reports the range
-            q = SplitQueue(mem, self.num, desc, avail, used, event_idx, indirect)
+            q = split_cls(mem, self.num, desc, avail, used, event_idx, indirect)
             base = self.base & R.IDX_MASK
             if base != used_idx:
                 # Requests taken by a previous backend and never completed: serve them again
@@ -121,6 +129,7 @@ class Vring:
         q.enable_notify()
         self.queue = q
         self.broken = ""
+        self.iotlb_wait = None
 
     def stop(self) -> int:
         """Stop the ring; its base as GET_VRING_BASE reports it."""
