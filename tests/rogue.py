@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from vmsim.abi import blk as B
 from vmsim.abi import features as F
+from vmsim.abi import iommu as I
 from vmsim.abi import mmio as M
 from vmsim.abi import net as N
 from vmsim.abi import packed_ring as P
@@ -29,7 +30,9 @@ from vmsim.host.devices.blk.backend import MemoryBackend
 from vmsim.host.devices.blk.device import BlkDevice
 from vmsim.host.devices.net.backend import SwitchBackend
 from vmsim.host.devices.net.device import NetDevice
-from vmsim.host.memory import GuestMemory
+from vmsim.host.iommu import Iommu
+from vmsim.host.iommu_device import IommuDevice
+from vmsim.host.memory import GuestMemory, IotlbMemory
 from vmsim.host.switch import Switch
 from vmsim.host.virtio.device import VirtioDevice
 from vmsim.host.virtio.errors import Reason
@@ -310,6 +313,54 @@ class Rig:
         self.t.close()
         if self.own_ram:
             self.ram.close()
+
+
+class IommuRig(Rig):
+    """A Rig whose device sits behind the IOMMU (endpoint 1, domain 1): the device reaches
+    guest RAM only through its endpoint's IOTLB, offers VIRTIO_F_ACCESS_PLATFORM, and the
+    "guest" programs the IOMMU through its register window with virtio-iommu requests it
+    writes into guest RAM at `req_at`, as vmsim's guest IOMMU driver does.
+
+    Rings and buffers may be mapped at IOVA == guest-physical address (an IOVA allocation
+    a guest is free to make), so the hand-written rings' writers work unchanged; an address
+    inside RAM that was not mapped is then still refused by the device."""
+
+    IOMMU_BASE = 0x0900_0000
+
+    def __init__(self, make: Callable[[GuestMemory], VirtioDevice], req_at: int,
+                 ram: int = 0x10000, guarded: GuardedRam | None = None) -> None:
+        g = guarded if guarded is not None else GuardedRam(ram)
+        self.iommu = Iommu(g.base, g.size)
+        self.iommu.add_endpoint(1, "rogue")
+        self.iommu_dev = IommuDevice(self.iommu, g.mem, self.IOMMU_BASE)
+        self.region = self.iommu_dev.region()
+
+        def fault(_e: Exception) -> None:
+            self.iommu.faults += 1
+        self.dev_mem = IotlbMemory(g.mem, lambda: self.iommu.iotlb(1), "rogue, endpoint 1",
+                                   fault)
+        super().__init__(lambda _m: make(self.dev_mem), guarded=g)
+        self.own_ram = guarded is None
+        self.dev.device_features |= F.bit(F.VIRTIO_F_ACCESS_PLATFORM)
+        self.req_at = req_at
+        self.region.write(I.REG_CMD_BASE_LO, 4, req_at & 0xFFFFFFFF)
+        self.region.write(I.REG_CMD_BASE_HI, 4, req_at >> 32)
+        assert self.iommu_request(I.T_ATTACH, I.ATTACH.pack(I.T_ATTACH, 1, 1, 0, 0)) == I.S_OK
+
+    def iommu_request(self, kind: int, body: bytes) -> int:
+        """One request through the register window; its status."""
+        off = self.ram.off(self.req_at)
+        self.ram.mv[off:off + len(body)] = body
+        self.region.write(I.REG_CMD_SUBMIT, 4, 1)
+        return self.ram.mv[off + I.TAIL_AT[kind]]
+
+    def map(self, iova: int, gpa: int, size: int, flags: int) -> int:
+        return self.iommu_request(I.T_MAP, I.MAP.pack(I.T_MAP, 1, iova, iova + size - 1, gpa,
+                                                      flags, 0))
+
+    def unmap(self, iova: int, size: int) -> int:
+        return self.iommu_request(I.T_UNMAP, I.UNMAP.pack(I.T_UNMAP, 1, iova, iova + size - 1,
+                                                          0))
 
 
 # ---- well-formed requests, for controls --------------------------------------------------------

@@ -26,8 +26,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vmsim.abi import blk as B
 from vmsim.abi import features as F
 from vmsim.abi import iommu as I
+from vmsim.abi import mmio as M
+from vmsim.abi import status as S
 from vmsim.guest.iommu import IommuDriver
 from vmsim.guest.memory import (
     DMA_FROM_DEVICE,
@@ -381,7 +384,6 @@ def test_buffer_and_indirect_table_across_scattered_pages(machine):
     assert c.r_off[0] == b + 3 * PAGE - 8 - RAM_BASE and c.r_off[1] == a - RAM_BASE
 
 
-# ---- whole runs -------------------------------------------------------------------------------
 DEVICE_PICKS_TRANSLATED_RINGS = "ring_class" in inspect.getsource(
     host_device.VirtioDevice.queue_enable)
 needs_device_hook = pytest.mark.skipif(
@@ -391,6 +393,67 @@ needs_device_hook = pytest.mark.skipif(
            "refuses every descriptor until it does")
 
 
+# ---- a rogue guest against a device behind the IOMMU ------------------------------------------
+def _rogue_rig(packed: bool):
+    from tests import rogue as RG
+    # guest RAM 0x4000_0000..+64 KiB: page 0 requests for the IOMMU, page 1 the ring, page 2
+    # headers, page 3 data, page 4 status; page 5 is RAM nobody maps
+    base = RG.BASE
+    rig = RG.IommuRig(lambda m: RG.make_blk(m, packed=packed), req_at=base)
+    ring, hdr, data, status, unmapped = (base + k * PAGE for k in (1, 2, 3, 4, 5))
+    rw = I.MAP_F_READ | I.MAP_F_WRITE
+    assert rig.map(ring, ring, PAGE, rw) == I.S_OK
+    assert rig.map(hdr, hdr, PAGE, I.MAP_F_READ) == I.S_OK
+    assert rig.map(data, data, PAGE, I.MAP_F_WRITE) == I.S_OK
+    assert rig.map(status, status, PAGE, I.MAP_F_WRITE) == I.S_OK
+    feats = RG.V1 | F.bit(F.VIRTIO_F_ACCESS_PLATFORM) | (RG.PACKED if packed else 0)
+    rig.bring_up(feats, [(8, ring, ring + 0x100, ring + 0x200)])
+    return RG, rig, hdr, data, status, unmapped
+
+
+@needs_device_hook
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("fault", ["unmapped", "read_only", "after_unmap", "header_writeonly"])
+def test_rogue_guest_behind_the_iommu(packed, fault):
+    RG, rig, hdr, data, status, unmapped = _rogue_rig(packed)
+    try:
+        w = rig.writer(0)
+        RG.blk_read(w, hdr, data, status, sector=1)          # the control: served
+        rig.kick(0)
+        assert rig.service(0) == 1 and rig.ram.mv[rig.ram.off(status)] == B.VIRTIO_BLK_S_OK
+        rig.interrupts()
+        if fault == "unmapped":             # valid RAM, never mapped for the device
+            RG.blk_read(w, hdr, unmapped, status, sector=1, head=3)
+            text = f"0x{unmapped:x} is not mapped"
+        elif fault == "read_only":          # the data page mapped without write
+            assert rig.unmap(data, PAGE) == I.S_OK
+            assert rig.map(data, data, PAGE, I.MAP_F_READ) == I.S_OK
+            RG.blk_read(w, hdr, data, status, sector=1, head=3)
+            text = f"device write of IOVA 0x{data:x}+0x200: 0x{data:x} is mapped without write"
+        elif fault == "after_unmap":        # the driver took the buffer back
+            assert rig.unmap(data, PAGE) == I.S_OK
+            RG.blk_read(w, hdr, data, status, sector=1, head=3)
+            text = f"0x{data:x} is not mapped"
+        else:                               # the header the device must read, write-only
+            assert rig.unmap(hdr, PAGE) == I.S_OK
+            assert rig.map(hdr, hdr, PAGE, I.MAP_F_WRITE) == I.S_OK
+            RG.blk_read(w, hdr, data, status, sector=1, head=3)
+            text = "mapped without read"
+        before = bytes(rig.ram.mv)
+        rig.kick(0)
+        rig.service(0)                      # returns: nothing raised
+        errs = rig.dev.errors
+        assert len(errs) == 1 and Reason.ADDRESS_OUT_OF_RANGE.value in errs[0], errs
+        assert "IOMMU fault (rogue, endpoint 1)" in errs[0] and text in errs[0], errs
+        assert rig.r(M.STATUS) & S.DEVICE_NEEDS_RESET
+        assert bytes(rig.ram.mv) == before                  # nothing written anywhere
+        assert rig.iommu.faults >= 1
+        rig.assert_survived()
+    finally:
+        rig.close()
+
+
+# ---- whole runs -------------------------------------------------------------------------------
 def _run(tmp_path, topo: str, duration: str = "2") -> dict:
     from tests.test_run import run_vmsim, write_yaml
     cfg = write_yaml(tmp_path, topo)
