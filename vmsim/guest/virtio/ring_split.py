@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from time import monotonic_ns
 from typing import Any
 
+import numpy as np
+
 from vmsim.abi import features as F
 from vmsim.abi import split_ring as R
 from vmsim.guest.memory import DmaMemory
@@ -41,6 +43,8 @@ INDIRECT = R.VRING_DESC_F_INDIRECT
 PACK_DESC = R.DESC.pack_into
 NO_INTERRUPT = R.VRING_AVAIL_F_NO_INTERRUPT
 NO_NOTIFY = R.VRING_USED_F_NO_NOTIFY
+_WRITE_W = np.int64(WRITE << 32)        # WRITE in a descriptor's second u64 word
+_EMPTY: tuple[list[Any], list[int]] = ([], [])
 
 
 def _last_entry(out_sgs: Sequence[Sg], in_sgs: Sequence[Sg]) -> tuple[int, int, int]:
@@ -79,6 +83,17 @@ class SplitVirtqueue(Virtqueue):
         self.used_h = ram.view(used_addr, R.used_size(num)).cast("H")
         self.used_i = ram.view(used_addr, 4 + R.USED_ELEM_SIZE * num).cast("I")
         self.mask = num - 1
+        # numpy views for the batch paths: the descriptor table as (num, 2) i64 words (addr;
+        # len | flags << 32 | next << 48), the avail ring entries, the used elements as one
+        # u64 each (id | len << 32). Descriptors and avail entries are written in bulk before
+        # the avail idx store publishes them (DESIGN.md); shared words stay on the casts.
+        mm = ram.mm
+        base = ram.base
+        self._desc_np = np.ndarray((num, 2), np.int64, mm, desc_addr - base)
+        self._desc_addr = np.ndarray(num, np.uint64, mm, desc_addr - base, (16,))
+        self._desc_w = self._desc_np[:, 1]
+        self._avail_np = np.ndarray(num, np.uint16, mm, avail_addr - base + 4)
+        self._used_np = np.ndarray(num, np.uint64, mm, used_addr - base + 4)
         self.used_event_at = R.avail_h_used_event(num)
         self.avail_event_at = R.used_h_avail_event(num)
         self._reset_state()
@@ -94,17 +109,38 @@ class SplitVirtqueue(Virtqueue):
     def _reset_state(self) -> None:
         num = self.num
         self.free_head = 0
-        self.desc_next = list(range(1, num + 1))     # desc_extra[i].next: the free list
+        # Per-descriptor state lives in numpy arrays so that the batch paths (add_bufs,
+        # get_bufs) update a whole batch with one operation; the one-buffer paths reach the
+        # same memory through memoryviews, whose item access is nearly a list's.
+        self._next_np = np.arange(1, num + 1, dtype=np.int32)
+        self.desc_next = memoryview(self._next_np)   # desc_extra[i].next: the free list
         if self.in_order:
             # VIRTIO_F_IN_ORDER: descriptors are used in ring order, wrapping at the end.
             self.desc_next[num - 1] = 0
-        self.desc_data: list[Any] = [None] * num     # desc_state[head].data: the token
-        self.desc_count = [0] * num                  # ring descriptors the chain holds
-        self.desc_last = [0] * num                   # the chain's last ring descriptor
+        # desc_state[head].data: the token (None: not a head in flight)
+        self.desc_data = np.full(num, None, dtype=object)
+        # Ring descriptors the chain holds, and its last one. A free descriptor always has
+        # count 1 and is its own last (detach restores that), so a batch of one-descriptor
+        # buffers writes neither.
+        self._count_np = np.ones(num, np.int32)
+        self.desc_count = memoryview(self._count_np)
+        self._last_np = np.arange(num, dtype=np.int32)
+        self.desc_last = memoryview(self._last_np)
+        self._chains_out = 0                         # chains of > 1 ring descriptor in flight
+        # The free list is the stack `_stack[:_top]` (top first) followed by the linked list
+        # from free_head. get_bufs pushes a batch on the stack and add_bufs pops from it,
+        # without linking or walking anything in Python; a one-buffer path first links the
+        # stack in front of the list (_link_run). _run is the stack's state: None when empty.
+        self._stack = np.empty(num, np.intp)
+        self._top = 0
+        self._run: Any = None
+        self._seen = np.zeros(num, np.uint8)         # scratch: distinct ids in a used batch
+        self._lat_n = 0                              # chains stamped by the one-buffer path
         self._inflight_heads: deque[int] = deque()   # submission order (in-order batches)
         self._batch: deque[tuple[Any, int]] = deque()
         self.desc_in_len = [0] * num                 # writable bytes of each chain
-        self.lat_t = [0] * num                       # add time of a sampled chain, by head
+        self._lat_np = np.zeros(num, np.int64)
+        self.lat_t = memoryview(self._lat_np)        # add time of a sampled chain, by head
         self.num_free = num
         self.avail_idx_shadow = 0
         self.avail_flags_shadow = 0
@@ -141,6 +177,8 @@ class SplitVirtqueue(Virtqueue):
         total = n_out + len(in_sgs)
         if total == 0:
             raise ValueError("a buffer needs at least one segment")
+        if self._run is not None:
+            self._link_run()
         head = self.free_head
         nxt = self.desc_next
         table = None
@@ -156,8 +194,6 @@ class SplitVirtqueue(Virtqueue):
                 self._write_table(tmv, out_sgs, in_sgs)
             PACK_DESC(self.desc_mv, 16 * head, gpa, total * R.DESC_SIZE, INDIRECT, 0)
             self.free_head = nxt[head]
-            self.desc_count[head] = 1
-            self.desc_last[head] = head
             self.num_free -= 1
             self.n_indirect += 1
             self.n_descs += total + 1
@@ -175,8 +211,10 @@ class SplitVirtqueue(Virtqueue):
                 i = self._write_chain(self.desc_mv, nxt, head, out_sgs, in_sgs)
                 prev = self._chain_last
             self.free_head = i
-            self.desc_count[head] = total
-            self.desc_last[head] = prev
+            if total > 1:
+                self.desc_count[head] = total
+                self.desc_last[head] = prev
+                self._chains_out += 1
             self.num_free -= total
             self.n_descs += total
         if self.in_order:
@@ -193,6 +231,7 @@ class SplitVirtqueue(Virtqueue):
         n = self.n_added = self.n_added + 1
         if not n & self.lat_mask:
             self.lat_t[head] = monotonic_ns()
+            self._lat_n += 1
         self.num_added += 1
         if self.num_added == R.IDX_MASK:
             # Linux: "This is very unlikely, but theoretically possible. Kick just in case."
@@ -232,6 +271,168 @@ class SplitVirtqueue(Virtqueue):
         self.desc_i[4 * prev + 3] &= ~NEXT                  # the last descriptor ends the chain
         self._chain_last = prev
         return i
+
+    # ---- batches ---------------------------------------------------------------------------------
+    # add_bufs and get_bufs run once per batch of buffers: each is a handful of numpy
+    # operations on private state and on the ring (the descriptors and avail entries before
+    # the avail idx store that publishes them; the used elements after the used idx load that
+    # published them), whatever the batch size. Scalar fallbacks handle everything else.
+    def add_bufs(self, addrs: Any, lens: Any, tokens: Sequence[Any],
+                 writable: bool = True) -> int:
+        """Many one-descriptor buffers with a few numpy operations and one avail idx store
+        (see Virtqueue.add_bufs): descriptors come from the free list's run (what get_bufs
+        put back), and the list is walked only when the run is short."""
+        n = len(tokens)
+        if (self.in_order or "add_sgs" in self.__dict__ or n == 0 or self.broken
+                or self.num_free < n):
+            # in order, or buffers mapped through the DMA API: one by one
+            return Virtqueue.add_bufs(self, addrs, lens, tokens, writable)
+        top = self._top
+        if top < n:
+            self._take_free_list()
+            top = self._top
+        top -= n
+        heads = self._stack[top:top + n]
+        self._top = top
+        if not top:
+            self._run = None
+        self._desc_addr[heads] = addrs
+        # len | flags << 32 (next 0: the buffer ends there)
+        if isinstance(lens, int):
+            self._desc_w[heads] = lens | WRITE << 32 if writable else lens
+        else:
+            self._desc_w[heads] = np.asarray(lens, np.int64) | _WRITE_W if writable else lens
+        # (an array of objects built element by element: a list of tuples as tokens must
+        # not turn into a 2-D array)
+        self.desc_data[heads] = tokens if isinstance(tokens, np.ndarray) else np.fromiter(
+            tokens, object, n)
+        # The descriptors are written; now the avail entries, then the index.
+        shadow = self.avail_idx_shadow
+        num = self.num
+        s = shadow & self.mask
+        av = self._avail_np
+        if s + n <= num:
+            av[s:s + n] = heads
+        else:
+            k = num - s
+            av[s:] = heads[:k]
+            av[:n - k] = heads[k:]
+        self.num_free -= n
+        self.n_descs += n
+        old = self.n_added
+        self.n_added = old + n
+        lat_mask = self.lat_mask
+        if lat_mask >= 0 and (old ^ (old + n)) & ~lat_mask:
+            # one sample per batch that crosses a sampling point
+            self.lat_t[int(heads[0])] = monotonic_ns()
+            self._lat_n += 1
+        shadow = (shadow + n) & R.IDX_MASK
+        self.avail_idx_shadow = shadow
+        self.avail_h[R.AVAIL_H_IDX] = shadow
+        self.num_added += n
+        if self.num_added >= R.IDX_MASK:
+            self.kick()
+        return 0
+
+    def _link_run(self) -> None:
+        """Put the stack back into the linked free list, in front (for the one-buffer
+        paths): top first."""
+        top = self._top
+        run = self._stack[top - 1::-1] if top else self._stack[:0]
+        self._run = None
+        self._top = 0
+        if not top:
+            return
+        nxt = self._next_np
+        nxt[run[:-1]] = run[1:]
+        nxt[run[-1]] = self.free_head
+        self.free_head = int(run[0])
+
+    def _take_free_list(self) -> None:
+        """The whole free list onto the stack, in order (walked once, in Python)."""
+        if self._run is not None:
+            self._link_run()
+        nxt = self.desc_next
+        out = []
+        i = self.free_head
+        for _ in range(self.num_free):
+            out.append(i)
+            i = nxt[i]
+        self.free_head = i              # the list's end: nothing follows the stack
+        n = len(out)
+        self._stack[:n] = out[::-1]
+        self._top = n
+        self._run = True if n else None
+
+    def get_bufs(self, limit: int = 1 << 16) -> tuple[list[Any], Sequence[int]]:
+        """Every used buffer at once (see Virtqueue.get_bufs). A batch of one-descriptor
+        buffers is read, checked and put back on the free list (as its run) with a few numpy
+        operations; anything else (chains, in-order batches, DMA-mapped buffers) goes one by
+        one."""
+        last = self.last_used_idx
+        seen = self.used_h[R.USED_H_IDX]
+        n = (seen - last) & R.IDX_MASK
+        if n == 0:
+            return _EMPTY
+        if (self._batch or self.in_order or self._chains_out or "get_buf" in self.__dict__
+                or self.broken):
+            return Virtqueue.get_bufs(self, limit)
+        if n > limit:
+            n = limit
+        num = self.num
+        if n > num - self.num_free:
+            self.mark_broken(f"used idx {seen} is {n} ahead, with "
+                             f"{num - self.num_free} buffers in flight")
+            return _EMPTY
+        # The used idx was read first: the elements it published are valid now (TSO). They
+        # are copied once: what is checked is what is used.
+        s = last & self.mask
+        if s + n <= num:
+            elems = self._used_np[s:s + n].copy()
+        else:
+            elems = np.concatenate((self._used_np[s:], self._used_np[:s + n - num]))
+        ids = elems.view(np.uint32)[::2].astype(np.intp)   # {le32 id, le32 len}: the ids
+        data = self.desc_data
+        try:
+            toks = data[ids].tolist()
+        except IndexError:
+            self.mark_broken(f"a used id is >= {num}")
+            return _EMPTY
+        # each id a head in flight (a token), none twice (counted on a scratch array)
+        seen_ids = self._seen
+        seen_ids[ids] = 1
+        distinct = np.count_nonzero(seen_ids)
+        seen_ids[ids] = 0
+        if None in toks or distinct != n:
+            self.mark_broken("a used id is not a head in flight, or is used twice")
+            return _EMPTY
+        data[ids] = None
+        if self._lat_n:
+            self._sample_batch(ids)
+        top = self._top
+        self._stack[top:top + n] = ids
+        self._top = top + n
+        self._run = True
+        self.num_free += n
+        last = (last + n) & R.IDX_MASK
+        self.last_used_idx = last
+        self.used_seen = seen
+        self.n_completed += n
+        if not self.avail_flags_shadow & NO_INTERRUPT:
+            self.avail_h[self.used_event_at] = last
+        return toks, elems.view(np.uint32)[1::2]
+
+    def _sample_batch(self, ids: Any) -> None:
+        """Latency samples among a batch (stamped by add_sgs or add_bufs)."""
+        lat = self._lat_np[ids]
+        stamped = lat[lat != 0].tolist()
+        if stamped:
+            now = monotonic_ns()
+            hist = self.lat_hist
+            for t in stamped:
+                hist[(now - t).bit_length()] += 1
+            self._lat_np[ids] = 0
+            self._lat_n -= len(stamped)
 
     # ---- notify ----------------------------------------------------------------------------------
     def kick_prepare(self) -> bool:
@@ -291,12 +492,22 @@ class SplitVirtqueue(Virtqueue):
         t = self.lat_t[head]
         if t:
             self.lat_t[head] = 0
+            self._lat_n -= 1
             self.lat_hist[(monotonic_ns() - t).bit_length()] += 1
         # detach_buf_split, inlined: the chain goes back on the free list whole.
         self.desc_data[head] = None
-        self.desc_next[self.desc_last[head]] = self.free_head
+        if self._run is not None:
+            self._link_run()
+        c = self.desc_count[head]
+        if c == 1:
+            self.desc_next[head] = self.free_head
+        else:
+            self.desc_next[self.desc_last[head]] = self.free_head
+            self.desc_count[head] = 1
+            self.desc_last[head] = head
+            self._chains_out -= 1
         self.free_head = head
-        self.num_free += self.desc_count[head]
+        self.num_free += c
         last = (last + 1) & R.IDX_MASK
         self.last_used_idx = last
         self.n_completed += 1
@@ -334,6 +545,7 @@ class SplitVirtqueue(Virtqueue):
         t = self.lat_t[head]
         if t:
             self.lat_t[head] = 0
+            self._lat_n -= 1
             self.lat_hist[(monotonic_ns() - t).bit_length()] += 1
 
     def _detach_buf(self, head: int) -> None:
@@ -341,10 +553,17 @@ class SplitVirtqueue(Virtqueue):
         free descriptors are always the ring-order run after the in-flight ones: no links
         change."""
         self.desc_data[head] = None
+        if self._run is not None:
+            self._link_run()
+        c = self.desc_count[head]
         if not self.in_order:
             self.desc_next[self.desc_last[head]] = self.free_head
             self.free_head = head
-        self.num_free += self.desc_count[head]
+        if c != 1:
+            self.desc_count[head] = 1
+            self.desc_last[head] = head
+            self._chains_out -= 1
+        self.num_free += c
 
     # ---- callbacks -------------------------------------------------------------------------------
     def disable_cb(self) -> None:
@@ -414,7 +633,9 @@ class SplitVirtqueue(Virtqueue):
             if data is None:
                 continue
             self._detach_buf(head)
-            self.lat_t[head] = 0                # never used: not a latency
+            if self.lat_t[head]:
+                self.lat_t[head] = 0            # never used: not a latency
+                self._lat_n -= 1
             if self.in_order and head in self._inflight_heads:
                 self._inflight_heads.remove(head)
             # "That's not really used": take the entry back off the avail ring.
@@ -429,3 +650,6 @@ class SplitVirtqueue(Virtqueue):
         for v in (self.desc_q, self.desc_i, self.desc_mv, self.avail_h, self.used_h,
                   self.used_i):
             v.release()
+        # the numpy views hold exports of the mapping, which must go before it is closed
+        self._desc_np = self._desc_addr = self._desc_w = None
+        self._avail_np = self._used_np = None

@@ -89,6 +89,42 @@ class Virtqueue:
         token get_buf returns for it (not None)."""
         raise NotImplementedError
 
+    def add_bufs(self, addrs: Any, lens: Any, tokens: Sequence[Any],
+                 writable: bool = True) -> int:
+        """Add many one-segment buffers at once (vmsim's batch form of add_inbuf /
+        add_outbuf): buffer i is [addrs[i], addrs[i] + lens[i]) (`lens` an int: the same for
+        all), device-writable if `writable`, with token tokens[i]. All or nothing: 0, or
+        -ENOSPC when the ring has no room for all of them (nothing added), -EIO once broken.
+        The formats publish the batch with one index (or head flags) store; this generic
+        form adds them one by one and is what a queue with the DMA API mapped uses."""
+        n = len(tokens)
+        if self.broken:
+            return EIO
+        if self.num_free < n:
+            return ENOSPC
+        al = addrs.tolist() if hasattr(addrs, "tolist") else list(addrs)
+        ll = [lens] * n if isinstance(lens, int) else (
+            lens.tolist() if hasattr(lens, "tolist") else list(lens))
+        add = self.add_sgs
+        for a, ln, tok in zip(al, ll, tokens, strict=True):
+            err = add((), ((a, ln),), tok) if writable else add(((a, ln),), (), tok)
+            if err:
+                return err
+        return 0
+
+    def get_bufs(self, limit: int = 1 << 16) -> tuple[list[Any], Sequence[int]]:
+        """Every used buffer (at most `limit`) at once: (tokens, bytes written), in the order
+        the device used them; empty lists when none is used. The formats detach a batch of
+        one-descriptor buffers with a few numpy operations; this generic form calls
+        get_buf."""
+        toks: list[Any] = []
+        lens: list[int] = []
+        get = self.get_buf
+        while len(toks) < limit and (r := get()) is not None:
+            toks.append(r[0])
+            lens.append(r[1])
+        return toks, lens
+
     def add_outbuf(self, sgs: Sequence[Sg], data: Any) -> int:
         """virtqueue_add_outbuf: buffers the device reads."""
         return self.add_sgs(sgs, (), data)

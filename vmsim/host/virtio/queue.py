@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from vmsim.host.virtio.chain import DescChain
+from vmsim.host.virtio.errors import RingError
 from vmsim.machine.stats import Q
 
 
@@ -68,14 +69,54 @@ class DeviceQueue:
         raise NotImplementedError
 
     def pop_bufs(self, limit: int = 1 << 16) -> Bufs | None:
-        """Every available one-descriptor buffer as arrays (see the formats); None when the
-        next entry is anything else, for pop_batch to take or report."""
-        raise NotImplementedError
+        """Every available buffer (at most `limit`) that is one descriptor, as arrays; None
+        when the next entry is anything else (a chain, or a fault), for pop_batch to take or
+        report. This generic form pops them one at a time; a format may vectorize it."""
+        heads: list[int] = []
+        offs: list[int] = []
+        lens: list[int] = []
+        wr: list[bool] = []
+        while len(heads) < limit:
+            m = self.mark()
+            try:
+                chains = self.pop_batch(1)
+            except RingError:
+                if not heads:
+                    return None
+                self.rewind(m, [])     # pop_batch(1) consumed nothing: it stays for later
+                break
+            if not chains:
+                break
+            c = chains[0]
+            if c.ndescs != 1 or len(c.r_off) + len(c.w_off) != 1:
+                self.rewind(m, chains)
+                if not heads:
+                    return None
+                break
+            heads.append(c.head)
+            if c.w_off:
+                offs.append(c.w_off[0])
+                lens.append(c.w_len[0])
+                wr.append(True)
+            else:
+                offs.append(c.r_off[0])
+                lens.append(c.r_len[0])
+                wr.append(False)
+        if not heads:
+            return EMPTY_BUFS
+        return Bufs(np.array(heads, np.intp), np.array(offs, np.uint64),
+                    np.array(lens, np.uint64), np.array(wr, bool))
 
     def push_used(self, heads: np.ndarray, written: "np.ndarray | int") -> None:
-        """Return many buffers, `written` bytes each (an array or one number for all),
-        published at once."""
-        raise NotImplementedError
+        """Return many buffers (by head or buffer id), `written` bytes each (an array, or
+        one number for all), published together. Generic form: fill each, flush once."""
+        n = len(heads)
+        if not n:
+            return
+        wl = [written] * n if isinstance(written, int) else written.tolist()
+        for h, w in zip(heads.tolist(), wl, strict=True):
+            self.fill(h, w)
+        self.flush()
 
     def pop(self) -> DescChain | None:
         """The next available chain, validated, or None if the ring is empty."""

@@ -28,11 +28,6 @@ INDIRECT = R.VRING_DESC_F_INDIRECT
 U32 = 0xFFFFFFFF
 UNPACK_DESC = R.DESC.unpack_from
 UNPACK_DESC3 = struct.Struct("<" + "QIHH" * 3).unpack_from
-# the batch path's constants, as numpy scalars (no conversion per operation)
-_LEN = np.uint64(0xFFFFFFFF)
-_ONE = np.uint64(1)
-_CHAINED = np.uint64((NEXT | INDIRECT) << 32)
-_WRITE_BIT = np.uint64(WRITE << 32)
 _MAX = np.maximum
 
 
@@ -85,8 +80,9 @@ class SplitQueue(DeviceQueue):
         self.desc_w_np = desc_np[:, 1]
         self.avail_np = np.ndarray(num, np.uint16, buf, avail_addr - mem.base + 4)
         self.used_u64 = np.ndarray(num, np.uint64, buf, used_addr - mem.base + 4)
-        self._base_u64 = np.uint64(mem.base)
         self._size_u64 = np.uint64(mem.size)
+        self._consts = tuple(np.full(num, v, np.uint64) for v in (
+            0xFFFFFFFF, mem.base, 1, (NEXT | INDIRECT) << 32, WRITE << 32))
         self.used_h[R.USED_H_FLAGS] = 0
         self.used_h[R.USED_H_IDX] = 0
         self.used_h[self.avail_event_at] = 0
@@ -128,30 +124,39 @@ class SplitQueue(DeviceQueue):
                 np.intp)
         try:
             addr = self.desc_addr_np.take(heads)
-            w = self.desc_w_np.take(heads)      # len | flags << 32 | next << 48
         except IndexError:
-            return None                         # a head >= num: pop_batch names it
-        ln = w & _LEN
-        off = addr - self._base_u64            # wraps to a huge value below RAM
+            # a head >= num: take the ones before it; pop_batch names it
+            n = int((heads >= num).argmax())
+            if n == 0:
+                return None
+            heads = heads[:n]
+            addr = self.desc_addr_np.take(heads)
+        w = self.desc_w_np.take(heads)          # len | flags << 32 | next << 48
+        # (constants as arrays of the batch's length: a numpy scalar operand costs more)
+        c_len, c_base, c_one, c_chained, c_write = (c[:n] for c in self._consts)
+        ln = w & c_len
+        off = addr - c_base                     # wraps to a huge value below RAM
         end = off + ln
         # One reduction checks every buffer: the largest of end (inside RAM), off (not
         # below RAM: a wrapped off is huge), len - 1 (not empty: 0 - 1 wraps) and the NEXT /
         # INDIRECT bits (>= 2**32 when set) must not pass the end of RAM.
-        worst = _MAX(_MAX(end, off), _MAX(ln - _ONE, w & _CHAINED))
+        worst = _MAX(_MAX(end, off), _MAX(ln - c_one, w & c_chained))
         if _MAX.reduce(worst) > self._size_u64:
             ok = worst <= self._size_u64
             k = int(ok.argmin())
             if k == 0:
                 return None
             heads, off, ln, w, n = heads[:k], off[:k], ln[:k], w[:k], k
-        writable = (w & _WRITE_BIT) != 0
-        nw = int(np.count_nonzero(writable))
+            c_write = c_write[:k]
+        wbits = w & c_write
+        nw = np.count_nonzero(wbits)
         if nw == n:
             rbytes = 0
         elif nw == 0:
             rbytes = int(ln.sum())
         else:
-            rbytes = int(ln[~writable].sum())
+            rbytes = int(ln[wbits == 0].sum())
+        writable = wbits.astype(bool)
         self.last_avail_idx = (last + n) & 0xFFFF
         self.avail_seen = avail
         self.inflight += n
