@@ -24,6 +24,7 @@ class IommuDriver:
         self.platform = platform
         self.base = int(node["base"])
         self.endpoints: dict[str, int] = {k: int(v) for k, v in node.get("endpoints", {}).items()}
+        self.strict: set[str] = set(node.get("strict", ()))   # iommu.strict=1 for these
         magic = platform.read(self.base + I.REG_MAGIC, 4)
         version = platform.read(self.base + I.REG_VERSION, 4)
         if magic != I.MAGIC or version != I.VERSION:

@@ -156,7 +156,7 @@ class Guest:
         the firmware puts it behind the IOMMU; else the shared direct one."""
         if self.iommu is not None and name in self.iommu.endpoints:
             ep = self.iommu.endpoints[name]
-            return DeviceDma(self.dma, self.iommu, ep)
+            return DeviceDma(self.dma, self.iommu, ep, strict=name in self.iommu.strict)
         return self.dma
 
     def _probe_mmio(self, node: dict[str, Any]) -> None:

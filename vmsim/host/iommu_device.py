@@ -18,6 +18,7 @@ class IommuDevice:
 
     def __init__(self, iommu: Iommu, mem: GuestMemory, base: int) -> None:
         self.iommu = iommu
+        self.strict: set[str] = set()   # devices whose guest driver unmaps strictly
         self.mem = mem
         self.base = base
         self.cmd_base = 0
@@ -32,7 +33,9 @@ class IommuDevice:
         """The firmware's description: where the IOMMU is and which endpoint each device
         behind it is (a device tree's `iommus = <&iommu id>`)."""
         return {"base": self.base, "page_size": I.PAGE_SIZE,
-                "endpoints": {name: ep for ep, name in self.iommu.endpoints.items()}}
+                "endpoints": {name: ep for ep, name in self.iommu.endpoints.items()},
+                # the guest kernel's iommu.strict=1, per device here (a topology choice)
+                "strict": sorted(self.strict)}
 
     def read(self, offset: int, width: int) -> int:
         if width != 4:

@@ -91,6 +91,8 @@ class HostVM:
         iommu = self.iommu.iommu
         ep = len(iommu.endpoints) + 1
         iommu.add_endpoint(ep, dspec["name"])
+        if dspec["iommu"] == "strict":
+            self.iommu.strict.add(dspec["name"])
 
         def fault(_e: Exception) -> None:
             iommu.faults += 1

@@ -124,9 +124,11 @@ class DeviceBase(Strict):
                           "hot-plugs the device")
     adapter_interrupts: bool = Field(True, description="ccw: offer adapter (two-level) "
                                      "indicators; false: classic indicators only")
-    iommu: bool = Field(False, description="true: the device sits behind the board's IOMMU and "
-                        "offers VIRTIO_F_ACCESS_PLATFORM; it reaches guest memory only "
-                        "through the mappings its driver makes")
+    iommu: bool | Literal["lazy", "strict"] = Field(
+        False, description="true or lazy: the device sits behind the board's IOMMU and offers "
+        "VIRTIO_F_ACCESS_PLATFORM; it reaches guest memory only through the mappings its "
+        "driver makes, unmaps reaching the IOMMU in batches (Linux's default); strict: each "
+        "unmap at once (iommu.strict=1)")
 
 
 class BlkDeviceSpec(DeviceBase):
