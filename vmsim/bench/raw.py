@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from vmsim.abi import features as F
 from vmsim.guest.memory import DmaMemory, GuestRAM
@@ -33,7 +34,7 @@ SPIN_NS = 50_000          # each side polls this long for more before it sleeps
 
 
 def _device(name: str, ring: str, num: int, addrs: tuple[int, int, int], kick: EventFd,
-            call: EventFd, stop_at: int, pause_p: float, seed: int) -> None:
+            call: EventFd, stop_at: int, pause_p: float, seed: int, batched: bool) -> None:
     mem = GuestMemory(shm.open_map(name), BASE)
     cls = PackedQueue if ring == "packed" else SplitQueue
     q = cls(mem, num, *addrs, event_idx=True, indirect=False)
@@ -41,6 +42,7 @@ def _device(name: str, ring: str, num: int, addrs: tuple[int, int, int], kick: E
     rng = random.Random(seed)
     lost = 0
     pop, fill, need = q.pop_batch, q.fill_batch, q.need_notify
+    pop_bufs, push_used = q.pop_bufs, q.push_used
     zeros = [0] * num
     kfd = kick.fileno()
     p = select.poll()
@@ -49,11 +51,27 @@ def _device(name: str, ring: str, num: int, addrs: tuple[int, int, int], kick: E
     idle_since = 0
     q.disable_notify()
     while not stop[0]:
-        chains = pop()
-        if chains:
-            if pause_p and rng.random() < pause_p:
-                time.sleep(rng.random() * 2e-4)     # the device is descheduled
-            fill(chains, zeros[:len(chains)])
+        if batched:
+            # the batch path: every available buffer as arrays, returned with one store
+            b = pop_bufs()
+            if b is None:                 # not a one-descriptor buffer: the general path
+                chains = pop(1)
+                fill(chains, zeros[:len(chains)])
+                n = len(chains)
+            else:
+                n = len(b.heads)
+                if n:
+                    if pause_p and rng.random() < pause_p:
+                        time.sleep(rng.random() * 2e-4)     # the device is descheduled
+                    push_used(b.heads, 0)
+        else:
+            chains = pop()
+            n = len(chains)
+            if n:
+                if pause_p and rng.random() < pause_p:
+                    time.sleep(rng.random() * 2e-4)     # the device is descheduled
+                fill(chains, zeros[:n])
+        if n:
             if need():
                 call.signal()
             idle_since = 0
@@ -75,13 +93,17 @@ def _device(name: str, ring: str, num: int, addrs: tuple[int, int, int], kick: E
         idle_since = 0
     stop[1] = lost
     stop.release()
+    q.release()
+    mem.release()
 
 
 def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256,
-            pause_p: float = 0.0, seed: int = 1) -> dict[str, Any]:
+            pause_p: float = 0.0, seed: int = 1, batched: bool = False) -> dict[str, Any]:
     """Buffers per second through the raw ring, and notifications per buffer. With pause_p,
     each side pauses (up to 0.2 ms) before that share of its batches, and counts the times
-    it slept through work it was not woken for (lost wake-ups: there must be none)."""
+    it slept through work it was not woken for (lost wake-ups: there must be none).
+    batched: both sides use the batch paths (guest add_bufs / get_bufs, host pop_bufs /
+    push_used) instead of one buffer per call."""
     name = f"/{runname.new_run_name()}-rawbench"
     shm.create(name, RAM)
     try:
@@ -105,13 +127,20 @@ def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256,
         lost = 0
         bufs = [dma.alloc(64, 64)[0] for _ in range(in_flight)]
         sgs = [[(gpa, 64)] for gpa in bufs]
+        buf_np = np.array(bufs, np.uint64)
         child = _CTX.Process(target=_device, args=(name, vq.ring, vq.num, addrs, kick, call,
-                                                  stop_gpa - BASE, pause_p, seed), daemon=True)
+                                                  stop_gpa - BASE, pause_p, seed, batched),
+                             daemon=True)
         child.start()
         add, kick_prepare, get_buf = vq.add_sgs, vq.kick_prepare, vq.get_buf
         none: list = []
-        for i in range(in_flight):
-            add(none, sgs[i], i)
+        if batched:
+            add_bufs, get_bufs = vq.add_bufs, vq.get_bufs
+            tokens = np.arange(in_flight, dtype=np.intp)
+            add_bufs(buf_np, 64, tokens, True)
+        else:
+            for i in range(in_flight):
+                add(none, sgs[i], i)
         if kick_prepare():
             vq.notify()
         cfd = call.fileno()
@@ -125,11 +154,18 @@ def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256,
         irqs = 0
         vq.disable_cb()
         while True:
-            n = 0
-            while (r := get_buf()) is not None:
-                tok = r[0]
-                add(none, sgs[tok], tok)
-                n += 1
+            if batched:
+                # every used buffer at once, and all of them added again with one call
+                toks, _lens = get_bufs()
+                n = len(toks)
+                if n:
+                    add_bufs(buf_np[toks], 64, toks, True)
+            else:
+                n = 0
+                while (r := get_buf()) is not None:
+                    tok = r[0]
+                    add(none, sgs[tok], tok)
+                    n += 1
             if n:
                 done += n
                 if pause_p and rng.random() < pause_p:
@@ -183,37 +219,44 @@ def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256,
 
 
 def _echo(conn: Any) -> None:
+    """The Pipe "device": decode each request, answer it (stream_throughput.py's mp_pipe)."""
     recv, send = conn.recv_bytes, conn.send_bytes
+    packb, unpackb = msgpack.packb, msgpack.unpackb
     while True:
-        m = recv()
-        if m == b"\xc0":            # msgpack nil: stop
+        m = unpackb(recv())
+        if m is None:
             break
-        send(m)
+        send(packb([m[0], 0]))
     conn.close()
 
 
 def run_pipe_raw(seconds: float, in_flight: int = 64) -> float:
-    """Request/response pairs per second over multiprocessing.Pipe with msgpack."""
+    """Request/response pairs per second over multiprocessing.Pipe with msgpack: the issue's
+    baseline (../shared/bench/baselines/stream_throughput.py, mp_pipe reqresp): one message
+    per request ([seq, 64-byte payload]) and one per response ([seq, status]), each packed
+    and unpacked, `in_flight` requests outstanding."""
     a, b = _CTX.Pipe()
     child = _CTX.Process(target=_echo, args=(b,), daemon=True)
     child.start()
+    b.close()
     packb, unpackb = msgpack.packb, msgpack.unpackb
     send, recv = a.send_bytes, a.recv_bytes
+    payload = bytes(range(64))
     for i in range(in_flight):
-        send(packb([i, 0]))
+        send(packb([i, payload]))
     done = 0
     t0 = time.monotonic()
     end = t0 + seconds
     while True:
-        seq = unpackb(recv())[0]
+        unpackb(recv())
         done += 1
-        send(packb([seq, 0]))
+        send(packb([done + in_flight, payload]))
         if done & 0x3FF == 0 and time.monotonic() >= end:
             break
     elapsed = time.monotonic() - t0
     for _ in range(in_flight):
         recv()
-    send(b"\xc0")
+    send(packb(None))
     child.join(5)
     a.close()
     return done / elapsed

@@ -54,6 +54,10 @@ class BlkBench(WindowWorkload):
         self.submit = self.blk.submit
         self.done_cb = self._done      # one bound method, not one per request
         self.bufs: list[tuple[tuple[int, int],]] = []
+        # Slots whose request completed in the current batch of completions: issued again
+        # together by _flush (the driver's completion hook), one submit_batch for them all.
+        self.ready: list[int] = []
+        self.submit_batch = self.blk.submit_batch
 
     def start(self) -> None:
         super().start()
@@ -61,6 +65,7 @@ class BlkBench(WindowWorkload):
             gpa, view = self.dma.alloc(self.bs, 4096, zero=False)
             view.release()
             self.bufs.append(((gpa, self.bs),))
+        self.blk.completion_hooks.append(self._flush)
         self.fill_window(self.blk, self.window)
 
     def _issue(self, slot: int) -> None:
@@ -84,7 +89,39 @@ class BlkBench(WindowWorkload):
         self.ops += 1
         if status != B.VIRTIO_BLK_S_OK:
             self.error(f"request failed with status {status}")
-        self._next(slot)
+        self.ready.append(slot)
+
+    def _flush(self) -> None:
+        """After a batch of completions: issue the next request on every slot that finished,
+        and on those that were waiting, with one submit_batch."""
+        ready = self.ready
+        if not ready:
+            return
+        slots = self.deferred + ready
+        self.deferred = []
+        self.ready = []
+        if self.stopping or self.budget <= 0:
+            for _ in slots:
+                self._slot_idle()
+            return
+        n = min(len(slots), self.budget)
+        k = self.cursor
+        ks = [(k + i) & TABLE_MASK for i in range(n)]
+        ops, sectors, bufs = self.ops_table, self.sectors, self.bufs
+        done, err = self.submit_batch([ops[j] for j in ks], [sectors[j] for j in ks],
+                                      [bufs[s] for s in slots[:n]], self.done_cb, slots[:n])
+        self.cursor = (k + done) & TABLE_MASK
+        self.budget -= done
+        rest = slots[done:]
+        if not rest:
+            return
+        if err == EAGAIN:
+            self.deferred.extend(rest)      # the ring is full: the next completion retries
+            return
+        if err:
+            self.error(f"submit failed: errno {-err}")
+        for _ in rest:                      # failed, or the budget ran out
+            self._slot_idle()
 
     def publish_stats(self) -> None:
         # Derived rather than counted per request: requests are issued in table order, so the
@@ -100,6 +137,8 @@ class BlkBench(WindowWorkload):
         return super().report()
 
     def close(self) -> None:
+        if self._flush in self.blk.completion_hooks:
+            self.blk.completion_hooks.remove(self._flush)
         for ((gpa, _),) in self.bufs:
             self.dma.free(gpa)
         self.bufs = []
