@@ -149,12 +149,14 @@ def run_bench(seconds: float, json_path: str | None, rounds: int = 1,
         _seq_image(image)
         for r in range(rounds):
             base: dict[str, float] = {}
-            for bname in BASELINES:
+            for case in cases:
+                name, bname = case.name, case.baseline
+                # The baseline runs right before its case, every time: on a shared machine
+                # the load changes within seconds, and a ratio is only as good as the two
+                # figures are close in time.
                 base[bname] = _baseline(bname, seconds)
                 unit = "MB/s (memcpy)" if bname == "memcpy" else "req/s (Pipe + msgpack)"
                 con.print(f"round {r}: {bname:24s} {base[bname]:12,.0f} {unit}")
-            for case in cases:
-                name, bname = case.name, case.baseline
                 x = run_vmsim_case(case, seconds, image)
                 x["baseline"] = bname
                 if bname == "memcpy":
