@@ -87,13 +87,13 @@ class SplitVirtqueue(Virtqueue):
         # len | flags << 32 | next << 48), the avail ring entries, the used elements as one
         # u64 each (id | len << 32). Descriptors and avail entries are written in bulk before
         # the avail idx store publishes them (DESIGN.md); shared words stay on the casts.
-        mm = ram.mm
-        base = ram.base
-        self._desc_np = np.ndarray((num, 2), np.int64, mm, desc_addr - base)
-        self._desc_addr = np.ndarray(num, np.uint64, mm, desc_addr - base, (16,))
+        # Built on views of the ring (not the RAM mapping at an offset): behind an IOMMU the
+        # ring's addresses are IOVAs and only the device's DMA object can place them.
+        self._desc_np = np.ndarray((num, 2), np.int64, self.desc_mv)
+        self._desc_addr = np.ndarray(num, np.uint64, self.desc_mv, 0, (16,))
         self._desc_w = self._desc_np[:, 1]
-        self._avail_np = np.ndarray(num, np.uint16, mm, avail_addr - base + 4)
-        self._used_np = np.ndarray(num, np.uint64, mm, used_addr - base + 4)
+        self._avail_np = np.ndarray(num, np.uint16, ram.view(avail_addr + 4, 2 * num))
+        self._used_np = np.ndarray(num, np.uint64, ram.view(used_addr + 4, 8 * num))
         self.used_event_at = R.avail_h_used_event(num)
         self.avail_event_at = R.used_h_avail_event(num)
         self._reset_state()
@@ -647,9 +647,9 @@ class SplitVirtqueue(Virtqueue):
 
     def release(self) -> None:
         self._free_indirect_tables()
+        # the numpy views hold exports of the ring's views (and so of the mapping): first
+        self._desc_np = self._desc_addr = self._desc_w = None
+        self._avail_np = self._used_np = None
         for v in (self.desc_q, self.desc_i, self.desc_mv, self.avail_h, self.used_h,
                   self.used_i):
             v.release()
-        # the numpy views hold exports of the mapping, which must go before it is closed
-        self._desc_np = self._desc_addr = self._desc_w = None
-        self._avail_np = self._used_np = None

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from vmsim.abi import features as F
 from vmsim.abi import status as S
+from vmsim.host.iommu_rings import ring_class
 from vmsim.host.memory import GuestMemory
 from vmsim.host.virtio.errors import Reason, RingError
 from vmsim.host.virtio.queue import DeviceQueue
@@ -269,6 +270,8 @@ class VirtioDevice:
         error."""
         packed = self.negotiated(F.VIRTIO_F_RING_PACKED)
         cls = PackedQueue if packed else SplitQueue
+        if self.mem.translating:    # behind an IOMMU: the rings translate through its IOTLB
+            cls = ring_class(cls)
         try:
             if q.num > q.num_max:       # the driver picks a size up to the device's maximum
                 raise RingError(Reason.INVALID_RING_SIZE,
