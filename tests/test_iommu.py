@@ -286,6 +286,48 @@ def test_lazy_unmaps_are_flushed_in_batches(machine):
     assert m.mmu.iotlb(1).lookup(iovas[0]) is None
 
 
+dma_ops = st.lists(st.tuples(st.sampled_from(["map", "unmap", "flush"]), st.integers(0, 15),
+                             st.integers(1, 3 * PAGE), st.sampled_from([DMA_TO_DEVICE,
+                                                                        DMA_FROM_DEVICE])),
+                   max_size=40)
+
+
+@settings(max_examples=40, deadline=None)
+@given(dma_ops, st.booleans())
+def test_device_dma_keeps_the_host_iotlb_right(seq, strict):
+    """Random maps, unmaps and flushes of a device's streaming mappings: what the guest holds
+    mapped is always reachable with its permission (and only that); strict leaves nothing
+    else mapped, lazy nothing else once flushed."""
+    m = Machine()
+    try:
+        dma = m.device_dma(strict)
+        area, _ = m.dma.alloc(20 * PAGE, PAGE)
+        live: list[tuple[int, int, int, int]] = []      # (dma addr, gpa, size, direction)
+        for op, k, size, direction in seq:
+            if op == "map":
+                gpa = area + k * PAGE + (k * 97) % PAGE
+                live.append((dma.map_single(gpa, size, direction), gpa, size, direction))
+            elif op == "unmap" and live:
+                addr, _, size, direction = live.pop(k % len(live))
+                dma.unmap_single(addr, size, direction)
+            elif op == "flush":
+                dma.flush(-1)
+            for addr, gpa, size, direction in live:
+                want = PERM_R if direction == DMA_TO_DEVICE else PERM_W
+                assert m.dev_mem.segments(addr, size, want) == [(gpa - RAM_BASE, size)]
+                with pytest.raises(IommuFault, match="mapped without"):
+                    m.dev_mem.segments(addr, size, PERM_RW)
+        if not strict:
+            dma.flush(-1)
+        pages = {(iova, n) for iova, n, _, _ in m.mmu.iotlb(1).entries()}
+        want = {(a & ~(PAGE - 1), ((a + sz + PAGE - 1) & ~(PAGE - 1)) - (a & ~(PAGE - 1)))
+                for a, _, sz, _ in live}
+        want |= {(c.iova, c.size) for c in dma._chunks}
+        assert pages == want
+    finally:
+        m.close()
+
+
 def test_iommu_device_refuses_bad_submissions(machine):
     m = machine
     w = m.driver.platform.write
