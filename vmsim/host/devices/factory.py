@@ -97,7 +97,7 @@ def _make_vhost_user(spec: dict[str, Any], mem: GuestMemory, dev_stats: memoryvi
     label = f"{env.vm}.{spec['name']}: vhost-user {path}"
     conn = Connection(connect(path), label, path)
     try:
-        conn.handshake()
+        conn.handshake(backend_req=getattr(mem, "translating", False))
         net = spec.get("net", {})
         dev = VhostUserDevice(
             spec["name"], spec["type"], mem, spec["vhost_user"]["ram"], conn,

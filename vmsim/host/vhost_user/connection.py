@@ -129,13 +129,17 @@ class Connection:
                 raise VhostUserError(f"{self.label}: {req.name}: the backend refused it "
                                      f"(status {status})")
 
-    def handshake(self) -> None:
+    def handshake(self, backend_req: bool = False) -> None:
         """QEMU's vhost_user_backend_init: the features, then the protocol features, then
-        SET_OWNER."""
+        SET_OWNER. `backend_req`: ask for the backend's request channel too (a device behind
+        an IOMMU: IOTLB misses come on it)."""
         self.features = self.get_u64(Req.GET_FEATURES)
         if self.features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES):
             self.protocol_features = self.get_u64(Req.GET_PROTOCOL_FEATURES)
-            acked = self.protocol_features & FRONTEND_PROTOCOL_FEATURES
+            want = FRONTEND_PROTOCOL_FEATURES
+            if backend_req:
+                want |= pbit(ProtocolFeature.BACKEND_REQ)
+            acked = self.protocol_features & want
             # not acked: REPLY_ACK applies from the next message on (QEMU asks no ack here)
             self.set(Req.SET_PROTOCOL_FEATURES, P.encode_u64(acked), ack=False)
             self.acked_protocol = acked

@@ -15,6 +15,7 @@ eventfd - fails this device (virtio_error: NEEDS_RESET and a config interrupt), 
 import ctypes
 import logging
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,8 @@ from vmsim.machine import shm
 from vmsim.machine.eventfd import EventFd
 from vmsim.machine.stats import D, Q
 from vmsim.vhost import protocol as P
-from vmsim.vhost.protocol import MemRegion, ProtocolFeature, Req
+from vmsim.vhost.protocol import BackendReq, MemRegion, ProtocolFeature, Req
+from vmsim.vhost.wire import WireError, recv_message, send_message
 
 log = logging.getLogger("vmsim.host")
 
@@ -133,6 +135,21 @@ class VhostUserDevice(VirtioDevice):
         self.n_ring_errors = 0
         self.backend_error = ""
         backend = conn.features & ~F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES)
+        # Behind an IOMMU (the host hands a translating memory): the backend must translate
+        # IOVAs itself (VIRTIO_F_IOMMU_PLATFORM, with its request channel for misses); the
+        # host adds ACCESS_PLATFORM to the offer (vm.py) as for any device behind it.
+        self.ram = mem.ram if getattr(mem, "translating", False) else mem
+        self.iommu = getattr(mem, "iommu", None) if self.ram is not mem else None
+        self.endpoint = getattr(mem, "endpoint", 0)
+        if self.iommu is not None:
+            if not backend & F.bit(F.VIRTIO_F_ACCESS_PLATFORM):
+                raise VhostUserError(f"{conn.label}: the device is behind an IOMMU and the "
+                                     f"backend does not offer VIRTIO_F_IOMMU_PLATFORM")
+            for need in (ProtocolFeature.BACKEND_REQ, ProtocolFeature.REPLY_ACK):
+                if not conn.has_protocol(need):
+                    raise VhostUserError(f"{conn.label}: the device is behind an IOMMU and "
+                                         f"the backend does not offer protocol feature "
+                                         f"{need.name} (IOTLB messages need it)")
         features = backend & (RING_BITS | p.backend_bits) | p.frontend_bits
         if not packed:
             features &= ~F.bit(F.VIRTIO_F_RING_PACKED)
@@ -157,7 +174,12 @@ class VhostUserDevice(VirtioDevice):
             add_reader(link.err.fileno(), self._err_handler(i))
         # the backend closing its end (or writing unasked) is seen between requests
         add_reader(conn.fileno(), self._on_backend_readable)
-        self.uva = _address_of(mem.mm)
+        self.uva = _address_of(self.ram.mm)
+        self.backend_chan: socket.socket | None = None
+        self.n_iotlb_misses = self.n_iotlb_updates = self.n_iotlb_invalidates = 0
+        self._unsubscribe = None
+        if self.iommu is not None:
+            self._open_backend_channel()
         self._config = bytearray(p.config_size)
         self.fetch_config()
 
@@ -216,7 +238,7 @@ class VhostUserDevice(VirtioDevice):
             s[Q.SIZE] = q.num
             s[Q.RING] = int(self.negotiated(F.VIRTIO_F_RING_PACKED))
             s[Q.DESC_ADDR], s[Q.DRIVER_ADDR], s[Q.DEVICE_ADDR] = q.desc, q.driver, q.device
-            s[Q.RAM_BASE] = self.mem.base
+            s[Q.RAM_BASE] = self.ram.base
             s[Q.DEV_FEATURES] = self.driver_features
             s[Q.LAYOUT_GEN] += 1
             s[Q.READY] = 1
@@ -239,7 +261,7 @@ class VhostUserDevice(VirtioDevice):
         if not self.mem_sent:
             fd = shm.open_fd(self.ram_name)
             try:
-                region = MemRegion(self.mem.base, self.mem.size, self.uva, 0)
+                region = MemRegion(self.ram.base, self.ram.size, self.uva, 0)
                 if c.has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
                     # as QEMU: the slots the backend has, then the region on its own
                     if c.get_u64(Req.GET_MAX_MEM_SLOTS) < 1:
@@ -274,8 +296,93 @@ class VhostUserDevice(VirtioDevice):
             c.set(Req.SET_VRING_ENABLE, P.encode_state(i, 1))
         link.started = True
 
-    def _uva(self, gpa: int) -> int:
-        return self.uva + (gpa - self.mem.base)
+    def _uva(self, addr: int) -> int:
+        """A ring address as SET_VRING_ADDR carries it: the frontend's virtual address of a
+        guest-physical one, or the IOVA itself behind an IOMMU (vhost's rule)."""
+        if self.iommu is not None:
+            return addr
+        return self.uva + (addr - self.ram.base)
+
+    # ---- the IOTLB (a device behind the IOMMU) ---------------------------------------------------
+    def _open_backend_channel(self) -> None:
+        """SET_BACKEND_REQ_FD: one end of a socket pair for the backend's requests (IOTLB
+        misses, access failures); the endpoint's unmaps are forwarded as invalidations."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.conn.set(Req.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
+        finally:
+            theirs.close()
+        self.backend_chan = mine
+        self._add_reader(mine.fileno(), self._on_backend_request)
+        self._unsubscribe = self.iommu.subscribe(self.endpoint, self._on_mapping)
+
+    def _on_mapping(self, event: str, iova: int, size: int, _gpa: int, _perm: int) -> None:
+        """The guest unmapped (or the endpoint was detached): the backend's IOTLB must forget
+        it before the unmap completes (QEMU's vhost_iommu_unmap_notify). Maps are sent when
+        the backend misses them, as QEMU does."""
+        if event != "unmap" or self.conn.closed:
+            return
+        self.n_iotlb_invalidates += 1
+        size = min(size, (1 << 64) - 1 - iova)      # a detach unmaps [0, 2^64): a u64 holds less
+        self._backend_call(lambda: self.conn.set(Req.IOTLB_MSG, P.encode_iotlb(
+            iova, size, 0, 0, P.VHOST_IOTLB_INVALIDATE)))
+
+    def _on_backend_request(self, _fd: int) -> None:
+        chan = self.backend_chan
+        try:
+            msg = recv_message(chan)
+        except WireError as e:          # closed, or garbage: the backend is not to be trusted
+            self._close_backend_channel()
+            if not self.conn.closed:
+                log.info("%s: backend request channel: %s", self.name, e)
+            return
+        msg.close_fds()
+        ok = True
+        if msg.request == BackendReq.IOTLB_MSG:
+            try:
+                iova, _size, _uaddr, perm, typ = P.decode_iotlb(msg.payload)
+            except P.PayloadError as e:
+                ok = False
+                log.info("%s: backend IOTLB message: %s", self.name, e)
+            else:
+                if typ == P.VHOST_IOTLB_MISS:
+                    ok = self._answer_miss(iova, perm)
+                elif typ == P.VHOST_IOTLB_ACCESS_FAIL:
+                    self.virtio_error(f"the vhost-user backend reports an IOMMU access "
+                                      f"failure at IOVA 0x{iova:x}")
+                else:
+                    ok = False
+        else:
+            ok = False
+        if msg.need_reply:
+            try:
+                send_message(chan, msg.request, P.encode_u64(0 if ok else 1), reply=True)
+            except OSError:
+                self._close_backend_channel()
+
+    def _answer_miss(self, iova: int, perm: int) -> bool:
+        """The backend needs the translation of `iova`: the endpoint's mapping as an UPDATE
+        (host virtual address of its guest-physical target), or nothing if the guest did not
+        map it - the backend then fails that access."""
+        self.n_iotlb_misses += 1
+        hit = self.iommu.iotlb(self.endpoint).lookup(iova)
+        if hit is None:
+            log.info("%s: IOTLB miss at IOVA 0x%x: not mapped by the guest", self.name, iova)
+            return False
+        start, size, gpa, have = hit
+        self.n_iotlb_updates += 1
+        self._backend_call(lambda: self.conn.set(Req.IOTLB_MSG, P.encode_iotlb(
+            start, size, self.uva + (gpa - self.ram.base), have, P.VHOST_IOTLB_UPDATE)))
+        return True
+
+    def _close_backend_channel(self) -> None:
+        if self.backend_chan is not None:
+            self._remove_reader(self.backend_chan.fileno())
+            self.backend_chan.close()
+            self.backend_chan = None
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
 
     def _stop(self) -> None:
         """vhost_dev_stop: every started ring stopped (GET_VRING_BASE), then the backend
@@ -364,7 +471,10 @@ class VhostUserDevice(VirtioDevice):
 
     # ---- report ----------------------------------------------------------------------------------
     def describe(self) -> dict:
+        iotlb = ({"misses": self.n_iotlb_misses, "updates": self.n_iotlb_updates,
+                  "invalidates": self.n_iotlb_invalidates} if self.iommu is not None else None)
         return {"vhost_user": {"socket": self.conn.path, "messages": self.conn.messages,
+                               "iotlb": iotlb,
                                "backend_features": self.conn.features,
                                "protocol_features": self.conn.acked_protocol,
                                "calls": self.n_calls, "ring_errors": self.n_ring_errors,
@@ -384,6 +494,7 @@ class VhostUserDevice(VirtioDevice):
                 except VhostUserError:
                     pass
             self.conn.close()
+        self._close_backend_channel()
         for link in self.links:
             self._remove_reader(link.call.fileno())
             self._remove_reader(link.err.fileno())
