@@ -135,9 +135,10 @@ def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256,
         add, kick_prepare, get_buf = vq.add_sgs, vq.kick_prepare, vq.get_buf
         none: list = []
         if batched:
+            # a buffer's token is its address: what comes back is what goes out again
             add_bufs, get_bufs = vq.add_bufs, vq.get_bufs
-            tokens = np.arange(in_flight, dtype=np.intp)
-            add_bufs(buf_np, 64, tokens, True)
+            fromiter, u64 = np.fromiter, np.uint64
+            add_bufs(buf_np, 64, bufs, True)
         else:
             for i in range(in_flight):
                 add(none, sgs[i], i)
@@ -159,7 +160,7 @@ def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256,
                 toks, _lens = get_bufs()
                 n = len(toks)
                 if n:
-                    add_bufs(buf_np[toks], 64, toks, True)
+                    add_bufs(fromiter(toks, u64, n), 64, toks, True)
             else:
                 n = 0
                 while (r := get_buf()) is not None:

@@ -21,7 +21,6 @@ from typing import NamedTuple
 import numpy as np
 
 from vmsim.host.virtio.chain import DescChain
-from vmsim.host.virtio.errors import RingError
 from vmsim.machine.stats import Q
 
 
@@ -70,28 +69,19 @@ class DeviceQueue:
 
     def pop_bufs(self, limit: int = 1 << 16) -> Bufs | None:
         """Every available buffer (at most `limit`) that is one descriptor, as arrays; None
-        when the next entry is anything else (a chain, or a fault), for pop_batch to take or
-        report. This generic form pops them one at a time; a format may vectorize it."""
+        when the next entry is anything else, for pop_batch to take. This generic form pops
+        with pop_batch and gives back what follows the first chain (mark / rewind); a bad
+        descriptor raises RingError as pop_batch does. A format may vectorize it."""
+        m = self.mark()
+        chains = self.pop_batch(limit)
+        if not chains:
+            return EMPTY_BUFS
         heads: list[int] = []
         offs: list[int] = []
         lens: list[int] = []
         wr: list[bool] = []
-        while len(heads) < limit:
-            m = self.mark()
-            try:
-                chains = self.pop_batch(1)
-            except RingError:
-                if not heads:
-                    return None
-                self.rewind(m, [])     # pop_batch(1) consumed nothing: it stays for later
-                break
-            if not chains:
-                break
-            c = chains[0]
+        for c in chains:
             if c.ndescs != 1 or len(c.r_off) + len(c.w_off) != 1:
-                self.rewind(m, chains)
-                if not heads:
-                    return None
                 break
             heads.append(c.head)
             if c.w_off:
@@ -102,8 +92,13 @@ class DeviceQueue:
                 offs.append(c.r_off[0])
                 lens.append(c.r_len[0])
                 wr.append(False)
-        if not heads:
-            return EMPTY_BUFS
+        k = len(heads)
+        if k < len(chains):
+            # a chain: give everything back, take again only the buffers before it
+            self.rewind(m, chains)
+            if not k:
+                return None
+            self.pop_batch(k)
         return Bufs(np.array(heads, np.intp), np.array(offs, np.uint64),
                     np.array(lens, np.uint64), np.array(wr, bool))
 
