@@ -509,6 +509,9 @@ class Session:
 
     def _send_backend(self, iova: int, perm: int, typ: int) -> None:
         sock = self.backend_sock
+        if self.trace:
+            self.log(f"-> IOTLB {P.IOTLB_TYPE_NAMES[typ]} IOVA 0x{iova:x} "
+                     f"{PERM_NAMES.get(perm, perm)}")
         if sock is None:
             return
         try:
