@@ -83,6 +83,8 @@ class SplitQueue(DeviceQueue):
         self._size_u64 = np.uint64(mem.size)
         self._consts = tuple(np.full(num, v, np.uint64) for v in (
             0xFFFFFFFF, mem.base, 1, (NEXT | INDIRECT) << 32, WRITE << 32))
+        self._consts_n = num
+        self._consts_cut = self._consts
         self.used_h[R.USED_H_FLAGS] = 0
         self.used_h[R.USED_H_IDX] = 0
         self.used_h[self.avail_event_at] = 0
@@ -133,7 +135,10 @@ class SplitQueue(DeviceQueue):
             addr = self.desc_addr_np.take(heads)
         w = self.desc_w_np.take(heads)          # len | flags << 32 | next << 48
         # (constants as arrays of the batch's length: a numpy scalar operand costs more)
-        c_len, c_base, c_one, c_chained, c_write = (c[:n] for c in self._consts)
+        if n != self._consts_n:
+            self._consts_n = n
+            self._consts_cut = tuple(c[:n] for c in self._consts)
+        c_len, c_base, c_one, c_chained, c_write = self._consts_cut
         ln = w & c_len
         off = addr - c_base                     # wraps to a huge value below RAM
         end = off + ln
