@@ -51,6 +51,17 @@ def image(tmp_path):
     return p
 
 
+@pytest.fixture
+def blk_backend(tmp_path, image):
+    """`vmsim backend blk` on the image, stopped whatever the test did (a test stops it
+    itself to check its exit status; stopping twice is harmless)."""
+    be = Backend(tmp_path, "blk", "--image", str(image))
+    try:
+        yield be
+    finally:
+        be.stop()
+
+
 class FrontendIommu:
     """The frontend's vIOMMU as the guest's DMA API programs it (vmsim.guest.memory.IommuOps):
     its mappings (IOVA -> guest-physical), each change forwarded to the backend as an
@@ -195,8 +206,8 @@ class IommuSession:
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("eager", [True, False])
-def test_blk_over_iovas(tmp_path, image, packed, eager):
-    be = Backend(tmp_path, "blk", "--image", str(image))
+def test_blk_over_iovas(blk_backend, image, packed, eager):
+    be = blk_backend
     s = IommuSession(be.sock, packed=packed, eager=eager)
     try:
         want = image.read_bytes()
@@ -232,10 +243,10 @@ def test_blk_over_iovas(tmp_path, image, packed, eager):
     assert "no longer served" not in be.log()
 
 
-def test_invalidated_translations_are_asked_again(tmp_path, image):
+def test_invalidated_translations_are_asked_again(blk_backend, image):
     """A lazy guest (mappings reused until flushed) and a frontend that answers misses: after
     the guest's flush invalidates the buffers, the backend misses on them again."""
-    be = Backend(tmp_path, "blk", "--image", str(image))
+    be = blk_backend
     s = IommuSession(be.sock, eager=False, lazy_guest=True)
     try:
         s.submit(0, B.VIRTIO_BLK_T_IN, 0, 4096)
@@ -257,8 +268,8 @@ def test_invalidated_translations_are_asked_again(tmp_path, image):
     assert be.stop() == 0
 
 
-def test_unmapped_iova_in_a_descriptor_stops_the_ring(tmp_path, image):
-    be = Backend(tmp_path, "blk", "--image", str(image))
+def test_unmapped_iova_in_a_descriptor_stops_the_ring(blk_backend, image):
+    be = blk_backend
     s = IommuSession(be.sock, eager=True)
     try:
         vq = s.vq
@@ -292,8 +303,8 @@ def test_unmapped_iova_in_a_descriptor_stops_the_ring(tmp_path, image):
     assert be.stop() == 0
 
 
-def test_device_write_into_a_read_only_mapping(tmp_path, image):
-    be = Backend(tmp_path, "blk", "--image", str(image))
+def test_device_write_into_a_read_only_mapping(blk_backend, image):
+    be = blk_backend
     s = IommuSession(be.sock, eager=True)
     try:
         vq = s.vq
@@ -316,8 +327,8 @@ def test_device_write_into_a_read_only_mapping(tmp_path, image):
     assert be.stop() == 0
 
 
-def test_iotlb_messages_the_backend_refuses(tmp_path, image):
-    be = Backend(tmp_path, "blk", "--image", str(image))
+def test_iotlb_messages_the_backend_refuses(blk_backend, image):
+    be = blk_backend
     s = IommuSession(be.sock, eager=True)
     try:
         fe = s.fe
