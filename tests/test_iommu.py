@@ -272,6 +272,27 @@ def test_strict_unmap_is_effective_before_get_buf_returns(machine):
         m.dev_mem.segments(w, 8, PERM_R)
 
 
+def test_dma_mode_switches_once_the_driver_gave_everything_back(machine):
+    """A driver that negotiated ACCESS_PLATFORM goes away (its rings and indirect tables
+    freed); the next one does not negotiate it: the device's DMA object goes back to
+    guest-physical addresses, its idle pool chunks unmapped."""
+    m = machine
+    dma = m.device_dma(strict=True)
+    ring, _ = dma.alloc(3 * PAGE, PAGE)
+    tables = [dma.alloc(256, 64)[0] for _ in range(4)]
+    with pytest.raises(RuntimeError, match="while coherent memory is allocated"):
+        dma.set_translated(False)
+    for t in tables:
+        dma.free(t)
+    with pytest.raises(RuntimeError):
+        dma.set_translated(False)                   # the ring is still out
+    dma.free(ring)
+    dma.set_translated(False)
+    assert not dma.translated and m.mmu.iotlb(1).entries() == []
+    gpa, _ = dma.alloc(64)
+    assert RAM_BASE <= gpa < RAM_BASE + (4 << 20)
+
+
 def test_lazy_unmaps_are_flushed_in_batches(machine):
     m = machine
     dma = m.device_dma(strict=False)

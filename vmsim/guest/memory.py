@@ -218,9 +218,23 @@ class DeviceDma:
         """Device addresses are IOVAs from now (VIRTIO_F_ACCESS_PLATFORM negotiated by a
         device behind an IOMMU), or guest-physical again. Only with no coherent memory out."""
         on = on and self.iommu is not None
-        if on != self.translated and self._chunks:
-            raise RuntimeError("the DMA mode changes while coherent memory is allocated")
+        if on != self.translated:
+            self._drop_idle_pools()
+            if self._chunks:
+                raise RuntimeError("the DMA mode changes while coherent memory is allocated")
         self.translated = on
+
+    def _drop_idle_pools(self) -> None:
+        """Unmap and free the pool chunks nothing is allocated from (a driver that went
+        away gave back its indirect tables; the chunks stayed mapped for the next one)."""
+        with self._lock:
+            idle = [c for c in self._chunks if c.pool is not None and not c.pool.allocations]
+            self._chunks = [c for c in self._chunks if c not in idle]
+        for c in idle:
+            self._iommu_unmap(c.iova, c.size)
+            with self._lock:
+                self.iova.free(c.iova)
+            self.mem.free(c.gpa)
 
     @property
     def ram(self) -> Any:
