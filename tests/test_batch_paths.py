@@ -24,6 +24,7 @@ from vmsim.guest.virtio.virtqueue import ENOSPC
 from vmsim.guest.virtio.vring import vring_create_virtqueue
 from vmsim.host.memory import GuestMemory
 from vmsim.host.virtio.errors import RingError
+from vmsim.host.virtio.queue_packed import PackedQueue
 from vmsim.host.virtio.queue_split import SplitQueue
 
 BASE = 0x4000_0000
@@ -32,7 +33,7 @@ BUF = 64
 
 
 class Rig:
-    def __init__(self, num: int, event: bool, indirect: bool) -> None:
+    def __init__(self, num: int, event: bool, indirect: bool, packed: bool = False) -> None:
         self.mm = mmap.mmap(-1, RAM)
         self.ram = GuestRAM(self.mm, BASE)
         self.dma = DmaMemory(self.ram)
@@ -41,11 +42,14 @@ class Rig:
             feats |= F.bit(F.VIRTIO_RING_F_EVENT_IDX)
         if indirect:
             feats |= F.bit(F.VIRTIO_RING_F_INDIRECT_DESC)
+        if packed:
+            feats |= F.bit(F.VIRTIO_F_RING_PACKED)
         self.vq = vring_create_virtqueue(0, num, 4096, self.dma, feats, lambda _vq: True,
                                          lambda _vq: None, "batch")
         self.mem = GuestMemory(self.mm, BASE)
-        self.dev = SplitQueue(self.mem, num, self.vq.desc_addr, self.vq.avail_addr,
-                              self.vq.used_addr, event, indirect)
+        cls = PackedQueue if packed else SplitQueue
+        self.dev = cls(self.mem, num, self.vq.desc_addr, self.vq.avail_addr,
+                       self.vq.used_addr, event, indirect)
         # one buffer per possible token slot, reused: 3 segments each for chains
         self.pool = [self.dma.alloc(3 * BUF, 64)[0] for _ in range(4 * num)]
 
@@ -63,14 +67,18 @@ class Rig:
 class BatchMachine(RuleBasedStateMachine):
     """Driver and device each pick a one-buffer or a batch operation at random."""
 
+    PACKED = False
+
     def __init__(self) -> None:
         super().__init__()
         self.rig: Rig | None = None
 
-    @initialize(num=st.sampled_from([1, 2, 4, 8, 16, 64]), event=st.booleans(),
+    @initialize(num=st.sampled_from([1, 2, 3, 4, 8, 16, 64]), event=st.booleans(),
                 indirect=st.booleans(), near_wrap=st.booleans(), back=st.integers(0, 70))
     def setup(self, num, event, indirect, near_wrap, back):
-        self.rig = rig = Rig(num, event, indirect)
+        if num == 3 and not self.PACKED:
+            num = 4                 # a split ring's size is a power of two
+        self.rig = rig = Rig(num, event, indirect, self.PACKED)
         self.num = num
         self.free_slots = list(range(len(rig.pool)))
         self.next_token = 0
@@ -281,6 +289,18 @@ class BatchMachine(RuleBasedStateMachine):
 TestBatchPaths = BatchMachine.TestCase
 TestBatchPaths.settings = settings(max_examples=150, stateful_step_count=50, deadline=None,
                                    suppress_health_check=[HealthCheck.too_slow])
+
+
+class PackedBatchMachine(BatchMachine):
+    """The same on a packed ring (buffer ids for heads, wrap counters for indices)."""
+
+    PACKED = True
+
+
+TestPackedBatchPaths = PackedBatchMachine.TestCase
+TestPackedBatchPaths.settings = settings(max_examples=150, stateful_step_count=50,
+                                         deadline=None,
+                                         suppress_health_check=[HealthCheck.too_slow])
 
 
 def _rig_with_used(num: int = 8) -> Rig:

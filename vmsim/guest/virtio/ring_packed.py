@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from time import monotonic_ns
 from typing import Any
 
+import numpy as np
+
 from vmsim.abi import features as F
 from vmsim.abi import packed_ring as P
 from vmsim.guest.memory import DmaMemory
@@ -52,6 +54,12 @@ DESC_EVENT = P.VRING_PACKED_EVENT_FLAG_DESC
 PACK_DESC = P.DESC.pack_into
 PACK_HEAD = struct.Struct("<QIH").pack_into    # addr, len, id: the head's flags come last
 PACK_DESC2 = struct.Struct("<QIHHQIHH").pack_into
+# the batch paths' constants
+_U32 = np.uint64(32)
+_U16 = np.uint64(0xFFFF)
+_LEN = np.uint64(0xFFFFFFFF)
+_AU = np.uint64((F_AVAIL | F_USED) << 48)
+_ZERO = np.uint64(0)
 
 
 class PackedVirtqueue(Virtqueue):
@@ -83,6 +91,10 @@ class PackedVirtqueue(Virtqueue):
         self.ring_i = ram.view(desc_addr, P.ring_size(num)).cast("I")
         self.drv_ev = ram.view(driver_addr, P.EVENT_SIZE).cast("H")
         self.dev_ev = ram.view(device_addr, P.EVENT_SIZE).cast("I")
+        # the ring as (num, 2) u64 words: addr; len | id << 32 | flags << 48
+        ring_np = np.ndarray((num, 2), np.uint64, ram.mm, desc_addr - ram.base)
+        self._w0 = ring_np[:, 0]
+        self._w1 = ring_np[:, 1]
         self._reset_state()
 
     def reinit(self) -> None:
@@ -97,11 +109,22 @@ class PackedVirtqueue(Virtqueue):
         self.avail_used_flags = F_AVAIL           # AVAIL = wrap counter 1, USED = its inverse
         self.last_used_idx = 0 | 1 << WRAP_SHIFT  # position | used wrap counter << 15
         self.free_head = 0
-        self.id_next = list(range(1, num + 1))    # desc_extra[id].next: the free ID list
-        self.desc_data: list[Any] = [None] * num  # desc_state[id].data
-        self.desc_num = [0] * num                 # ring descriptors buffer id holds
+        # Per-id state in numpy arrays (the batch paths update a batch with one operation;
+        # the one-buffer paths reach them through memoryviews), as in ring_split.py.
+        self._next_np = np.arange(1, num + 1, dtype=np.int32)
+        self.id_next = memoryview(self._next_np)  # desc_extra[id].next: the free ID list
+        self.desc_data = np.full(num, None, dtype=object)  # desc_state[id].data
+        self._num_np = np.zeros(num, np.int32)
+        self.desc_num = memoryview(self._num_np)  # ring descriptors buffer id holds
+        self._multi_out = 0                       # buffers of > 1 ring descriptor in flight
+        # free IDs: the stack _stack[:_top] (top first), then the linked list from free_head
+        self._stack = np.empty(num, np.intp)
+        self._top = 0
+        self._seen = np.zeros(num, np.uint8)
         self.desc_in_len = [0] * num              # its writable bytes (for in-order batches)
-        self.lat_t = [0] * num                    # add time of a sampled buffer, by id
+        self._lat_np = np.zeros(num, np.int64)
+        self.lat_t = memoryview(self._lat_np)     # add time of a sampled buffer, by id
+        self._lat_n = 0
         self._inflight_ids: deque[int] = deque()  # submission order (in-order batches)
         self._batch: deque[tuple[Any, int]] = deque()
         self.num_free = num
@@ -129,6 +152,8 @@ class PackedVirtqueue(Virtqueue):
             raise ValueError("a buffer needs at least one segment")
         if self.num_free < 1:
             return ENOSPC
+        if self._top:
+            self._link_ids()
         bid = self.free_head
         head = self.next_avail_idx
         flags = self.avail_used_flags
@@ -205,6 +230,8 @@ class PackedVirtqueue(Virtqueue):
         self.free_head = self.id_next[bid]
         self.desc_data[bid] = data
         self.desc_num[bid] = used
+        if used > 1:
+            self._multi_out += 1
         if self.in_order:
             self.desc_in_len[bid] = sum(ln for _, ln in in_sgs)
             self._inflight_ids.append(bid)
@@ -214,9 +241,162 @@ class PackedVirtqueue(Virtqueue):
         n = self.n_added = self.n_added + 1
         if not n & self.lat_mask:
             self.lat_t[bid] = monotonic_ns()
+            self._lat_n += 1
         if self.num_added >= 0xFFFF:
             self.kick()
         return 0
+
+    # ---- batches ---------------------------------------------------------------------------------
+    def add_bufs(self, addrs: Any, lens: Any, tokens: Sequence[Any],
+                 writable: bool = True) -> int:
+        """Many one-descriptor buffers (see Virtqueue.add_bufs) with a few numpy operations:
+        the addresses first, then each descriptor's len | id | flags as one u64 store, which
+        makes it available (each store one native word: the flags are published with the len
+        and id they go with); ids come off the free stack."""
+        n = len(tokens)
+        if (self.in_order or "add_sgs" in self.__dict__ or n == 0 or self.broken
+                or self.num_free < n):
+            return Virtqueue.add_bufs(self, addrs, lens, tokens, writable)
+        addrs = np.asarray(addrs, np.uint64)
+        top = self._top
+        if top < n:
+            self._take_free_ids()
+            top = self._top
+        top -= n
+        ids = self._stack[top:top + n]
+        self._top = top
+        self.desc_data[ids] = tokens if isinstance(tokens, np.ndarray) else np.fromiter(
+            tokens, object, n)
+        self._num_np[ids] = 1
+        num = self.num
+        head = self.next_avail_idx
+        flags = self.avail_used_flags | (WRITE if writable else 0)
+        lo = ids.astype(np.uint64) << _U32
+        lo |= np.asarray(lens, np.uint64) if not isinstance(lens, int) else np.uint64(lens)
+        k = min(n, num - head)
+        self._w0[head:head + k] = addrs[:k]
+        self._w1[head:head + k] = lo[:k] | np.uint64(flags << 48)
+        pos = head + k
+        if pos == num:
+            pos = 0
+            self.avail_wrap_counter ^= 1
+            self.avail_used_flags ^= FLIP
+            if n > k:
+                flags ^= FLIP
+                self._w0[:n - k] = addrs[k:]
+                self._w1[:n - k] = lo[k:] | np.uint64(flags << 48)
+                pos = n - k
+        self.next_avail_idx = pos
+        self.num_free -= n
+        self.n_descs += n
+        self.num_added += n
+        old = self.n_added
+        self.n_added = old + n
+        lat_mask = self.lat_mask
+        if lat_mask >= 0 and (old ^ (old + n)) & ~lat_mask:
+            self.lat_t[int(ids[0])] = monotonic_ns()
+            self._lat_n += 1
+        if self.num_added >= 0xFFFF:
+            self.kick()
+        return 0
+
+    def _link_ids(self) -> None:
+        """Put the free stack back into the linked free-ID list, in front (one-buffer
+        paths)."""
+        top = self._top
+        self._top = 0
+        run = self._stack[top - 1::-1]
+        nxt = self._next_np
+        nxt[run[:-1]] = run[1:]
+        nxt[run[-1]] = self.free_head
+        self.free_head = int(run[0])
+
+    def _take_free_ids(self) -> None:
+        """The whole free-ID list onto the stack (walked once, in Python)."""
+        if self._top:
+            self._link_ids()
+        nxt = self.id_next
+        out = []
+        i = self.free_head
+        for _ in range(self.num_free):
+            out.append(i)
+            i = nxt[i]
+        self.free_head = i
+        self._stack[:len(out)] = out[::-1]
+        self._top = len(out)
+
+    def get_bufs(self, limit: int = 1 << 16) -> tuple[list[Any], Sequence[int]]:
+        """Every used buffer (see Virtqueue.get_bufs), up to the ring's end per segment: the
+        used descriptors' len | id | flags words are copied once and checked with a few numpy
+        operations when every buffer in flight is one descriptor."""
+        if (self._batch or self.in_order or self._multi_out or "get_buf" in self.__dict__
+                or self.broken):
+            return Virtqueue.get_bufs(self, limit)
+        toks: list[Any] = []
+        lens: Any = None
+        while len(toks) < limit:
+            lui = self.last_used_idx
+            pos = lui & ~WRAP_BIT
+            wrap = lui >> WRAP_SHIFT
+            m = min(self.num - pos, limit - len(toks), self.num - self.num_free)
+            if m <= 0:
+                break
+            snap = self._w1[pos:pos + m].copy()
+            used = (snap & _AU) == (_AU if wrap else _ZERO)
+            k = int(used.argmin())
+            if used[k]:
+                k = m
+            if not k:
+                break
+            if k < m:
+                snap = snap[:k]
+            ids = ((snap >> _U32) & _U16).astype(np.intp)
+            data = self.desc_data
+            try:
+                got = data[ids].tolist()
+            except IndexError:
+                self.mark_broken(f"a used id is >= {self.num}")
+                return toks, lens if lens is not None else []
+            seen = self._seen
+            seen[ids] = 1
+            distinct = np.count_nonzero(seen)
+            seen[ids] = 0
+            if None in got or distinct != k:
+                self.mark_broken("a used id is not a buffer in flight, or is used twice")
+                return toks, lens if lens is not None else []
+            data[ids] = None
+            if self._lat_n:
+                self._sample_batch(ids)
+            top = self._top
+            self._stack[top:top + k] = ids
+            self._top = top + k
+            self.num_free += k
+            pos += k
+            if pos >= self.num:
+                pos -= self.num
+                wrap ^= 1
+            self.last_used_idx = pos | wrap << WRAP_SHIFT
+            self.n_completed += k
+            ln = snap & _LEN
+            if toks:
+                toks += got
+                lens = np.concatenate((lens, ln))
+            else:
+                toks, lens = got, ln
+        if self.event_flags_shadow == DESC_EVENT and toks:
+            self.drv_ev[0] = self.last_used_idx
+        return toks, lens if lens is not None else []
+
+    def _sample_batch(self, ids: Any) -> None:
+        lat = self._lat_np[ids]
+        stamped = lat[lat != 0].tolist()
+        if stamped:
+            now = monotonic_ns()
+            hist = self.lat_hist
+            for t in stamped:
+                hist[(now - t).bit_length()] += 1
+            self._lat_np[ids] = 0
+            self._lat_n -= len(stamped)
 
     # ---- notify ----------------------------------------------------------------------------------
     def kick_prepare(self) -> bool:
@@ -302,6 +482,7 @@ class PackedVirtqueue(Virtqueue):
         t = self.lat_t[bid]
         if t:
             self.lat_t[bid] = 0
+            self._lat_n -= 1
             self.lat_hist[(monotonic_ns() - t).bit_length()] += 1
         self._detach_buf(bid)
         pos += skip
@@ -321,14 +502,20 @@ class PackedVirtqueue(Virtqueue):
         t = self.lat_t[bid]
         if t:
             self.lat_t[bid] = 0
+            self._lat_n -= 1
             self.lat_hist[(monotonic_ns() - t).bit_length()] += 1
 
     def _detach_buf(self, bid: int) -> None:
         """detach_buf_packed: the ID back on the free list, its ring slots free again."""
         self.desc_data[bid] = None
+        if self._top:
+            self._link_ids()
         self.id_next[bid] = self.free_head
         self.free_head = bid
-        self.num_free += self.desc_num[bid]
+        c = self.desc_num[bid]
+        if c > 1:
+            self._multi_out -= 1
+        self.num_free += c
 
     # ---- callbacks -------------------------------------------------------------------------------
     def disable_cb(self) -> None:
@@ -393,7 +580,9 @@ class PackedVirtqueue(Virtqueue):
             if data is None:
                 continue
             self._detach_buf(bid)
-            self.lat_t[bid] = 0                 # never used: not a latency
+            if self.lat_t[bid]:
+                self.lat_t[bid] = 0             # never used: not a latency
+                self._lat_n -= 1
             self.n_detached += 1
             if bid in self._inflight_ids:
                 self._inflight_ids.remove(bid)
@@ -404,3 +593,4 @@ class PackedVirtqueue(Virtqueue):
         self._free_indirect_tables()
         for v in (self.ring_h, self.ring_i, self.ring_mv, self.drv_ev, self.dev_ev):
             v.release()
+        self._w0 = self._w1 = None      # numpy exports of the mapping go before it closes

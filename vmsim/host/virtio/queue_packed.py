@@ -20,11 +20,13 @@ Everything the driver wrote is untrusted: a bad descriptor raises RingError with
 
 import struct
 
+import numpy as np
+
 from vmsim.abi import packed_ring as P
 from vmsim.host.memory import GuestMemory, GuestMemoryError
 from vmsim.host.virtio.chain import MAX_CHAIN_BYTES, DescChain, indirect_table_max
 from vmsim.host.virtio.errors import Reason, RingError
-from vmsim.host.virtio.queue import DeviceQueue
+from vmsim.host.virtio.queue import EMPTY_BUFS, Bufs, DeviceQueue
 from vmsim.machine.barrier import full_barrier
 
 NEXT = P.VRING_DESC_F_NEXT
@@ -81,6 +83,22 @@ class PackedQueue(DeviceQueue):
         self.signalled_used_valid = False
         self.notify_flags = ENABLE       # shadow of the device event flags
         self.in_flight_ids = bytearray(num)   # 1 while a buffer id is with the device
+        # numpy views for the batch paths (pop_bufs, push_used): the in-flight ids, the ring
+        # as (num, 2) u64 words (addr; len | id << 32 | flags << 48), and each buffer's ring
+        # descriptors (`_nd`, also for fill: a chain object may be stale after pop_bufs)
+        self._ifl = np.frombuffer(self.in_flight_ids, np.uint8)
+        ring_np = np.ndarray((num, 2), np.uint64, mem.mm, self.desc_off)
+        self._w0 = ring_np[:, 0]
+        self._w1 = ring_np[:, 1]
+        self._nd_np = np.ones(num, np.int32)
+        self._nd = memoryview(self._nd_np)
+        self._multi_out = 0                     # buffers of > 1 ring descriptor in flight
+        self._seen = np.zeros(num, np.uint8)
+        self._consts = tuple(np.full(num, v, np.uint64) for v in (
+            0xFFFFFFFF, mem.base, 1, (NEXT | INDIRECT) << 48, WRITE << 48, 0xFFFF))
+        self._size_u64 = np.uint64(mem.size)
+        self._consts_n = num
+        self._consts_cut = self._consts
         self._chains = [DescChain(mem) for _ in range(num)]  # by buffer id
         self._pending_used: list[tuple[int, int, int]] = []  # in-order batch: (id, len, ndescs)
         self.dev_ev[P.EVENT_H_OFF_WRAP] = 0
@@ -131,6 +149,9 @@ class PackedQueue(DeviceQueue):
                     self.avail_wrap_counter ^= 1
                 self.last_avail_idx = npos
                 self.in_flight_ids[chain.head] = 1
+                self._nd[chain.head] = ndescs
+                if ndescs > 1:
+                    self._multi_out += 1
                 self.inflight += 1
                 rbytes += chain.rlen
                 out.append(chain)
@@ -290,21 +311,133 @@ class PackedQueue(DeviceQueue):
                 rlen += n
         return rlen, wlen
 
+    def pop_bufs(self, limit: int = 1 << 16) -> Bufs | None:
+        """Every available buffer (at most `limit`, up to the ring's end) that is one direct
+        descriptor, as arrays, with a few numpy operations: the flags words of the run are
+        read first, as one copy of the descriptors' second u64 words (len, id and flags read
+        together, each word one native load); the addresses after them (TSO keeps loads in
+        order). Stops before anything else - a chain, a fault - and returns None if that is
+        the first, for pop_batch to take or report."""
+        pos = self.last_avail_idx
+        num = self.num
+        room = num - self.inflight
+        m = min(num - pos, limit, room)
+        if m <= 0:
+            return None if self.has_work() else EMPTY_BUFS
+        w = self.avail_wrap_counter
+        snap = self._w1[pos:pos + m].copy()
+        want = np.uint64(F_AVAIL << 48 if w else F_USED << 48)
+        avail = (snap & np.uint64((F_AVAIL | F_USED) << 48)) == want
+        k = int(avail.argmin())
+        if avail[k]:
+            k = m
+        if k == 0:
+            return None if self.has_work() or self._used_by_driver(pos, w) else EMPTY_BUFS
+        if k < m:
+            snap = snap[:k]
+        if k != self._consts_n:
+            self._consts_n = k
+            self._consts_cut = tuple(c[:k] for c in self._consts)
+        c_len, c_base, c_one, c_chained, c_write, c_id = self._consts_cut
+        addr = self._w0[pos:pos + k]
+        ln = snap & c_len
+        off = addr - c_base
+        end = off + ln
+        ids = ((snap >> np.uint64(32)) & c_id).astype(np.intp)
+        worst = np.maximum(np.maximum(end, off), np.maximum(ln - c_one, snap & c_chained))
+        bad = np.maximum.reduce(worst) > self._size_u64
+        if not bad:
+            seen = self._seen
+            seen[ids] = 1
+            bad = np.count_nonzero(seen) != k or np.count_nonzero(self._ifl[ids]) != 0
+            seen[ids] = 0
+        if bad:
+            return self._pop_bufs_prefix(k)
+        wbits = snap & c_write
+        writable = wbits.astype(bool)
+        nw = np.count_nonzero(wbits)
+        rbytes = 0 if nw == k else int(ln[~writable].sum())
+        self._ifl[ids] = 1
+        self._nd_np[ids] = 1
+        pos += k
+        if pos == num:
+            pos = 0
+            self.avail_wrap_counter ^= 1
+        self.last_avail_idx = pos
+        self.inflight += k
+        self.n_popped += k
+        self.n_bytes_read += rbytes
+        out = Bufs(ids, off, ln, writable)
+        if pos == 0 and k < limit:
+            # the run reached the ring's end: the rest of it starts the next lap
+            more = self.pop_bufs(limit - k)
+            if more is not None and len(more.heads):
+                out = Bufs(*(np.concatenate(pair) for pair in zip(out, more, strict=True)))
+        return out
+
+    def _used_by_driver(self, pos: int, w: int) -> bool:
+        flags = self.ring_h[8 * pos + 7]
+        return bool(flags & F_AVAIL) == bool(flags & F_USED) == bool(w)
+
+    def _pop_bufs_prefix(self, k: int) -> Bufs | None:
+        """A fault among the next k buffers: the good ones before it, one by one (rare)."""
+        return DeviceQueue.pop_bufs(self, k)
+
+    def push_used(self, heads: np.ndarray, written: "np.ndarray | int") -> None:
+        """Return many buffers (by id) at once: one u64 store each of len | id | flags at the
+        used positions (len and id published with their flags in one native store), when
+        every buffer in flight is one descriptor; otherwise one by one (fill / flush)."""
+        n = len(heads)
+        if not n:
+            return
+        if self.in_order or self._pending_used or self._multi_out:
+            DeviceQueue.push_used(self, heads, written)
+            return
+        ids = np.asarray(heads, np.uint64)
+        if isinstance(written, int):
+            lo = ids << np.uint64(32) | np.uint64(written | (WRITE << 48 if written else 0))
+            nbytes = written * n
+        else:
+            wr = np.asarray(written, np.uint64)
+            lo = wr | ids << np.uint64(32) | (wr != 0).astype(np.uint64) << np.uint64(
+                48 + 1)                                     # WRITE is bit 1 of the flags
+            nbytes = int(wr.sum())
+        pos = self.used_idx
+        num = self.num
+        used_flags = np.uint64((F_AVAIL | F_USED) << 48)
+        w1 = self._w1
+        k = min(n, num - pos)
+        w1[pos:pos + k] = lo[:k] | used_flags if self.used_wrap_counter else lo[:k]
+        pos += k
+        if pos == num:
+            pos = 0
+            self.used_wrap_counter ^= 1
+            self.used_laps += 1
+            if n > k:
+                w1[:n - k] = lo[k:] | used_flags if self.used_wrap_counter else lo[k:]
+                pos = n - k
+        self.used_idx = pos
+        self._ifl[heads] = 0
+        self.inflight -= n
+        self.n_used += n
+        self.n_bytes_written += nbytes
+
     # ---- used side -------------------------------------------------------------------------------
     def fill(self, chain: DescChain | int, written: int) -> None:
         """Mark a buffer used (`written` bytes). With VIRTIO_F_IN_ORDER the used descriptor is
         held back so that a batch can be written as one (flush writes it)."""
-        if isinstance(chain, int):
-            chain = self._chains[chain]
-        bid = chain.head
+        bid = chain if isinstance(chain, int) else chain.head
+        nd = self._nd[bid]
+        if nd > 1:
+            self._multi_out -= 1
         self.in_flight_ids[bid] = 0
         self.inflight -= 1
         self.n_used += 1
         self.n_bytes_written += written
         if self.in_order:
-            self._pending_used.append((bid, written, chain.ndescs))
+            self._pending_used.append((bid, written, nd))
             return
-        self._write_used(bid, written, chain.ndescs)
+        self._write_used(bid, written, nd)
 
     def _write_used(self, bid: int, written: int, skip: int) -> None:
         pos = self.used_idx
@@ -422,6 +555,8 @@ class PackedQueue(DeviceQueue):
          self.n_bytes_read) = mark
         for chain in chains:
             self.in_flight_ids[chain.head] = 0
+            if self._nd[chain.head] > 1:
+                self._multi_out -= 1
 
     def check_notification(self, data: int) -> bool:
         """next_off / next_wrap of a notification must not be ahead of the ring. Positions are
@@ -453,3 +588,5 @@ class PackedQueue(DeviceQueue):
     def release(self) -> None:
         for v in (self.ring_h, self.ring_i, self.ring_mv, self.drv_ev, self.dev_ev):
             v.release()
+        # the numpy views hold exports of the mapping, which must go before it is closed
+        self._w0 = self._w1 = None
