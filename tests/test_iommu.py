@@ -564,6 +564,42 @@ def test_blk_behind_the_iommu(tmp_path, transport, ring, iommu):
     assert devs["vda"]["errors"] == [] and devs["vda"]["requests"]["io_errors"] == 0
 
 
+VHOST_BLK = """
+name: iommu-vhost
+vms:
+  vm0:
+    memory: 32M
+    devices:
+      vda: {{type: blk, transport: {transport}, ring: {ring}, size: 8M, iommu: {iommu},
+             backend: {{vhost_user: {{spawn: true}}}}}}
+    workloads:
+      a: {{type: blk-verify, device: vda, in_flight: {depth}, write_pct: 50, flush_every: 32}}
+"""
+
+
+@needs_device_hook
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport, ring, iommu", [("pci", "split", "true"),
+                                                    ("mmio", "split", "strict")])
+def test_blk_behind_the_iommu_on_a_vhost_user_backend(tmp_path, transport, ring, iommu):
+    """The rings served by `vmsim backend blk` in a process of its own: it sees IOVAs only
+    and asks the host (the vhost-user frontend) for each translation, which the host answers
+    from the device's endpoint IOTLB; the guest's unmaps reach it as invalidations."""
+    depth = 1 if iommu == "strict" else 8
+    d = _run(tmp_path, VHOST_BLK.format(transport=transport, ring=ring, iommu=iommu,
+                                        depth=depth))
+    dev = d["vms"]["vm0"]["devices"]["vda"]
+    assert "ACCESS_PLATFORM" in dev["features"] and dev["errors"] == []
+    w = d["workloads"]["vm0.a"]
+    assert w["ops"] > 100 and w["errors"] == 0
+    vu = dev["info"]["vhost_user"]
+    assert vu["ring_errors"] == 0 and vu["error"] is None
+    assert vu["iotlb"]["misses"] > 3 and vu["iotlb"]["updates"] == vu["iotlb"]["misses"]
+    if iommu == "strict":       # lazy: buffers are mapped again before their unmaps age out
+        assert vu["iotlb"]["invalidates"] > 0
+
+
 NET_CONSOLE = """
 name: iommu-net
 switches: {{lan0: {{}}}}

@@ -77,9 +77,6 @@ def _check_device(dev: Any) -> None:
         raise ValueError(f"iommu: a device behind the IOMMU negotiates VIRTIO_F_ACCESS_PLATFORM "
                          f"(bit 33), which needs virtio 1 on mmio or pci; this one is on "
                          f"{dev.transport}")
-    if dev.iommu and dev.vhost_user() is not None:
-        raise ValueError("iommu: not with a vhost-user backend yet (the frontend does not "
-                         "forward IOTLB updates to it)")
 
 
 class FeatureSpec(Strict):

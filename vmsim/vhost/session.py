@@ -436,7 +436,9 @@ class Session:
         def refuse(why: str) -> bool:
             self.log(f"IOTLB_MSG {name} IOVA 0x{iova:x}+0x{size:x} refused: {why}")
             return False
-        if not self.iommu:
+        if typ in (P.VHOST_IOTLB_UPDATE, P.VHOST_IOTLB_MISS) and not self.iommu:
+            # (an INVALIDATE is taken any time: a frontend forwards the guest's unmaps after
+            # a RESET_DEVICE too, and forgetting a translation is always safe)
             return refuse("VIRTIO_F_IOMMU_PLATFORM was not negotiated")
         if typ in (P.VHOST_IOTLB_BATCH_BEGIN, P.VHOST_IOTLB_BATCH_END):
             return True         # hints: each update takes effect at once here
