@@ -92,7 +92,9 @@ class PackedVirtqueue(Virtqueue):
         self.drv_ev = ram.view(driver_addr, P.EVENT_SIZE).cast("H")
         self.dev_ev = ram.view(device_addr, P.EVENT_SIZE).cast("I")
         # the ring as (num, 2) u64 words: addr; len | id << 32 | flags << 48
-        ring_np = np.ndarray((num, 2), np.uint64, ram.mm, desc_addr - ram.base)
+        # on the ring's own view: behind an IOMMU desc_addr is an IOVA and the DMA object has
+        # no RAM offset to give
+        ring_np = np.ndarray((num, 2), np.uint64, self.ring_mv)
         self._w0 = ring_np[:, 0]
         self._w1 = ring_np[:, 1]
         self._reset_state()
@@ -591,6 +593,6 @@ class PackedVirtqueue(Virtqueue):
 
     def release(self) -> None:
         self._free_indirect_tables()
+        self._w0 = self._w1 = None      # numpy exports of ring_mv go before it is released
         for v in (self.ring_h, self.ring_i, self.ring_mv, self.drv_ev, self.dev_ev):
             v.release()
-        self._w0 = self._w1 = None      # numpy exports of the mapping go before it closes
