@@ -13,6 +13,7 @@ import multiprocessing as mp
 import random
 import select
 import time
+from os import sched_yield
 from typing import Any
 
 import msgpack
@@ -31,6 +32,11 @@ _CTX = mp.get_context("fork")
 RAM = 8 << 20
 BASE = 0x4000_0000
 SPIN_NS = 50_000          # each side polls this long for more before it sleeps
+# The spin yields the CPU at each turn: when the two processes share one CPU (a busy
+# machine), a spinning side would otherwise keep the other from making what it waits for;
+# with nothing else runnable the yield returns at once. (Measured: batched split 5.7x ->
+# 26-32x Pipe with two processes on ~1.3 CPUs.)
+YIELD = True
 
 
 def _device(name: str, ring: str, num: int, addrs: tuple[int, int, int], kick: EventFd,
@@ -81,6 +87,8 @@ def _device(name: str, ring: str, num: int, addrs: tuple[int, int, int], kick: E
             idle_since = now
             continue
         if now - idle_since < SPIN_NS:
+            if YIELD:
+                sched_yield()
             continue
         # Sleep: ask for a kick, re-check (the spec's race), then wait.
         if q.enable_notify():
@@ -184,6 +192,8 @@ def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256,
                 idle_since = now
                 continue
             if now - idle_since < SPIN_NS:
+                if YIELD:
+                    sched_yield()
                 continue
             if not vq.enable_cb():          # something came in meanwhile
                 vq.disable_cb()

@@ -13,6 +13,7 @@ arrive meanwhile need no interrupt at all.
 
 import errno
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -378,6 +379,9 @@ class VirtioBlk:
                         poll_until = time.monotonic_ns() + poll_ns
                     continue
                 if poll_until and time.monotonic_ns() < poll_until and not vq.broken:
+                    # yield at each turn of the poll: on a busy machine the host may be
+                    # waiting for this CPU to produce what we poll for
+                    os.sched_yield()
                     continue
                 with lock:
                     if vq.enable_cb():
