@@ -106,9 +106,14 @@ def build_summary(*, topo: Topology, layout: RunLayout, stats: StatsRegion, sour
                 devices[dname]["exits"]["by_kind"] = hd["exits"]["by_kind"]
             if gd.get("irq_mode"):     # PCI: the interrupts the guest's driver chose
                 devices[dname]["irq_mode"] = gd["irq_mode"]
+            if gd.get("dma"):          # behind an IOMMU: the driver's DMA API, counted
+                devices[dname]["dma"] = gd["dma"]
         vms[vname] = {"memory": vm.memory, "devices": devices,
                       "exits": grep.get("exits", 0),
                       "ioeventfd_writes": grep.get("ioeventfd_writes", 0)}
+        iommu = host_vms.get(vname, {}).get("iommu")
+        if iommu:                      # the VM's IOMMU: endpoints, domains, maps, faults
+            vms[vname]["iommu"] = iommu
         for wname, w in vm.workloads.items():
             rec = snapshot(stats.workload(layout.workload_records[(vname, wname)]), W)
             rep = (grep.get("workloads") or {}).get(wname, {})
@@ -193,6 +198,10 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
                           f"{_us(q['latency']['p50_us'])} / {_us(q['latency']['p99_us'])}")
             console.print(t)
             console.print(f"  features: {' '.join(dev['features']) or '(none negotiated)'}")
+            if dev.get("dma"):
+                d = dev["dma"]
+                console.print("  behind the IOMMU: " + ", ".join(
+                    f"{k} {_n(v) if isinstance(v, int) else v}" for k, v in d.items()))
             if vu:
                 console.print(f"  vhost-user backend at {vu['socket']}: {_n(vu['messages'])} "
                               f"messages, {_n(vu['calls'])} interrupts relayed, "
