@@ -16,7 +16,8 @@ def test_raw_ring_moves_buffers_and_suppresses_notifications(ring, batched):
     assert r["ops"] > 1000
     # under steady load, both sides poll with notifications suppressed
     assert r["kicks_per_request"] < 0.5 and r["interrupts_per_request"] < 0.5
-    assert set(os.listdir("/dev/shm")) - before == set()
+    # (only this bench's objects: other vmsim runs on the machine come and go meanwhile)
+    assert {n for n in set(os.listdir("/dev/shm")) - before if "rawbench" in n} == set()
 
 
 @pytest.mark.timeout(30)
