@@ -20,9 +20,8 @@ from collections.abc import Callable
 from vmsim.abi import features as F
 from vmsim.vhost import protocol as P
 from vmsim.vhost.devices import VhostDevice
-from vmsim.vhost.protocol import MemRegion
 from vmsim.vhost.session import Session, SessionError
-from vmsim.vhost.wire import Message, PeerClosed, WireError, recv_message
+from vmsim.vhost.wire import PeerClosed, WireError, recv_message
 
 
 class BackendError(Exception):
@@ -55,63 +54,6 @@ def _listen(path: str) -> socket.socket:
         raise BackendError(f"cannot listen on {path}: {e.strerror}") from None
     ls.listen(4)
     return ls
-
-
-class _Session(Session):
-    """Session with two rules relaxed to what QEMU does (both belong in Session and
-    MemoryTable themselves: reported).
-
-    - QEMU checks VHOST_USER_F_PROTOCOL_FEATURES in the features the backend *offered*
-      before it sends SET_VRING_ENABLE, and virtio-net sends one per queue pair when the
-      device is realized, before SET_FEATURES (hw/net/virtio-net.c peer_attach /
-      peer_detach); refusing it there ends every QEMU net session.
-    - A multiqueue vhost-user netdev is one vhost device per queue pair on one connection,
-      each sending the whole memory map: ADD_MEM_REG of a region already there (same guest
-      address, size and user address) comes once per pair. libvhost-user keeps duplicates;
-      here a duplicate is counted and its fd closed, and REM_MEM_REG removes the region
-      when the last pair that added it removes it.
-    """
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.region_refs: dict[tuple[int, int, int], int] = {}
-
-    @staticmethod
-    def _key(r: MemRegion) -> tuple[int, int, int]:
-        return (r.gpa, r.size, r.uva)
-
-    def _add_mem_reg(self, msg: Message) -> None:
-        r = P.decode_single_region(msg.payload)
-        k = self._key(r)
-        if k in self.region_refs and len(msg.fds) == 1 and any(
-                self._key(sl.region) == k for sl in self.mem.slots):
-            self.region_refs[k] += 1
-            msg.close_fds()
-            return
-        super()._add_mem_reg(msg)
-        self.region_refs[k] = 1
-
-    def _rem_mem_reg(self, msg: Message) -> None:
-        k = self._key(P.decode_single_region(msg.payload))
-        if self.region_refs.get(k, 0) > 1:
-            self.region_refs[k] -= 1
-            msg.close_fds()
-            return
-        super()._rem_mem_reg(msg)
-        self.region_refs.pop(k, None)
-
-    def _set_mem_table(self, msg: Message) -> None:
-        super()._set_mem_table(msg)
-        self.region_refs.clear()
-
-    def _set_vring_enable(self, msg: Message) -> None:
-        index, num = P.decode_state(msg.payload)
-        v = self._vring(index, "SET_VRING_ENABLE")
-        if not self.offered & F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES):
-            raise SessionError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
-        v.enabled = bool(num)
-        if v.enabled:
-            self.serve(v)       # kicks that came while it was disabled were not served
 
 
 class Server:
@@ -161,7 +103,7 @@ class Server:
     def _session(self, conn: socket.socket, wake_fd: int) -> None:
         n = self.sessions
         self.log(f"session {n}: frontend connected")
-        s = _Session(conn, self.device, lambda m: self.log(f"session {n}: {m}"), self.trace)
+        s = Session(conn, self.device, lambda m: self.log(f"session {n}: {m}"), self.trace)
         why = "frontend disconnected"
 
         def ready(index: int) -> bool:

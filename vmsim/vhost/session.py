@@ -61,6 +61,8 @@ class Session:
         self.mem = MemoryTable()
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self.messages = 0
+        # ADD_MEM_REG of a region already there, counted (see _add_mem_reg)
+        self.region_refs: dict[tuple[int, int, int], int] = {}
         self.backend_sock: socket.socket | None = None   # SET_BACKEND_REQ_FD's channel
         # IOTLB: the frontend's entries (targets its user addresses) and the same entries
         # by guest-physical address in the memory window (what the rings translate with)
@@ -188,21 +190,39 @@ class Session:
         regions = P.decode_mem_table(msg.payload)
         fds, msg.fds = msg.fds, []
         self._remap(lambda: self.mem.set_table(regions, fds))
+        self.region_refs = {(r.gpa, r.size, r.uva): 1 for r in regions}
         self.log(f"memory: {self.mem.describe()}")
 
     def _add_mem_reg(self, msg: Message) -> None:
+        """A multiqueue vhost-user netdev is one vhost device per queue pair on one
+        connection, each sending the memory map: the same region (guest address, size, user
+        address) comes once per pair. As libvhost-user, a duplicate is kept: counted, its fd
+        closed, and the region removed with the last REM_MEM_REG of it."""
         self._has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS, "ADD_MEM_REG")
         r = P.decode_single_region(msg.payload)
         if len(msg.fds) != 1:
             raise SessionError(f"ADD_MEM_REG with {len(msg.fds)} fds, expected 1")
+        key = (r.gpa, r.size, r.uva)
+        if self.region_refs.get(key) and any(
+                (sl.region.gpa, sl.region.size, sl.region.uva) == key for sl in self.mem.slots):
+            self.region_refs[key] += 1
+            msg.close_fds()
+            return
         fd = msg.take_fd()
         self._remap(lambda: self.mem.add_region(r, fd))
+        self.region_refs[key] = 1
         self.log(f"memory: added {r}")
 
     def _rem_mem_reg(self, msg: Message) -> None:
         self._has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS, "REM_MEM_REG")
         r = P.decode_single_region(msg.payload)
+        key = (r.gpa, r.size, r.uva)
+        if self.region_refs.get(key, 0) > 1:
+            self.region_refs[key] -= 1
+            msg.close_fds()
+            return
         self._remap(lambda: self.mem.remove_region(r))
+        self.region_refs.pop(key, None)
         self.log(f"memory: removed {r}")
 
     # ---- rings -----------------------------------------------------------------------------------
@@ -258,7 +278,9 @@ class Session:
     def _set_vring_enable(self, msg: Message) -> None:
         index, num = P.decode_state(msg.payload)
         v = self._vring(index, "SET_VRING_ENABLE")
-        if not self.features & F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES):
+        # the bit offered, not acked: QEMU's virtio-net sends one per pair when the device is
+        # realized, before SET_FEATURES (peer_attach / peer_detach)
+        if not self.offered & F.bit(P.VHOST_USER_F_PROTOCOL_FEATURES):
             raise SessionError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
         v.enabled = bool(num)
         if v.enabled:
