@@ -357,7 +357,7 @@ class VirtioBlk:
                     # every used request at once (one read of used->idx, a batch detach)
                     while True:
                         reqs, _ = get_bufs()
-                        if not reqs:
+                        if not len(reqs):
                             break
                         for req in reqs:
                             cb = req.callback

@@ -327,7 +327,7 @@ class PackedVirtqueue(Virtqueue):
         self._stack[:len(out)] = out[::-1]
         self._top = len(out)
 
-    def get_bufs(self, limit: int = 1 << 16) -> tuple[list[Any], Sequence[int]]:
+    def get_bufs(self, limit: int = 1 << 16) -> tuple[Sequence[Any], Sequence[int]]:
         """Every used buffer (see Virtqueue.get_bufs), up to the ring's end per segment: the
         used descriptors' len | id | flags words are copied once and checked with a few numpy
         operations when every buffer in flight is one descriptor."""

@@ -364,10 +364,11 @@ class SplitVirtqueue(Virtqueue):
         self._top = n
         self._run = True if n else None
 
-    def get_bufs(self, limit: int = 1 << 16) -> tuple[list[Any], Sequence[int]]:
+    def get_bufs(self, limit: int = 1 << 16) -> tuple[Sequence[Any], Sequence[int]]:
         """Every used buffer at once (see Virtqueue.get_bufs). A batch of one-descriptor
         buffers is read, checked and put back on the free list (as its run) with a few numpy
-        operations; anything else (chains, in-order batches, DMA-mapped buffers) goes one by
+        operations, its tokens returned as an array of objects (add_bufs takes it back as
+        it is); anything else (chains, in-order batches, DMA-mapped buffers) goes one by
         one."""
         last = self.last_used_idx
         seen = self.used_h[R.USED_H_IDX]
@@ -394,7 +395,7 @@ class SplitVirtqueue(Virtqueue):
         ids = elems.view(np.uint32)[::2].astype(np.intp)   # {le32 id, le32 len}: the ids
         data = self.desc_data
         try:
-            toks = data[ids].tolist()
+            toks = data[ids]
         except IndexError:
             self.mark_broken(f"a used id is >= {num}")
             return _EMPTY
@@ -403,7 +404,7 @@ class SplitVirtqueue(Virtqueue):
         seen_ids[ids] = 1
         distinct = np.count_nonzero(seen_ids)
         seen_ids[ids] = 0
-        if None in toks or distinct != n:
+        if distinct != n or None in toks.tolist():
             self.mark_broken("a used id is not a head in flight, or is used twice")
             return _EMPTY
         data[ids] = None

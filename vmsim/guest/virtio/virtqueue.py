@@ -112,9 +112,10 @@ class Virtqueue:
                 return err
         return 0
 
-    def get_bufs(self, limit: int = 1 << 16) -> tuple[list[Any], Sequence[int]]:
-        """Every used buffer (at most `limit`) at once: (tokens, bytes written), in the order
-        the device used them; empty lists when none is used. The formats detach a batch of
+    def get_bufs(self, limit: int = 1 << 16) -> tuple[Sequence[Any], Sequence[int]]:
+        """Every used buffer (at most `limit`) at once: (tokens, bytes written), two
+        sequences (lists, or numpy arrays: test them with len()) in the order the device
+        used them; empty when none is used. The formats detach a batch of
         one-descriptor buffers with a few numpy operations; this generic form calls
         get_buf."""
         toks: list[Any] = []
