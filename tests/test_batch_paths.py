@@ -337,7 +337,8 @@ def test_get_bufs_refuses_an_id_out_of_range():
         rig.close()
 
 
-@pytest.mark.parametrize("fault", ["next", "indirect", "zero", "below", "past_end", "head"])
+@pytest.mark.parametrize("fault", ["next", "indirect", "zero", "zero_write", "below", "wrap",
+                                   "past_end", "head"])
 def test_pop_bufs_leaves_a_bad_descriptor_to_pop_batch(fault):
     """pop_bufs takes the good buffers before one that is not a single direct descriptor,
     returns None at it, and pop_batch then takes it or names its fault."""
@@ -354,6 +355,10 @@ def test_pop_bufs_leaves_a_bad_descriptor_to_pop_batch(fault):
             d[h, 1] = 16 | 4 << 32
         elif fault == "zero":
             d[h, 1] = 0
+        elif fault == "zero_write":
+            d[h, 1] = 2 << 32                   # empty, device-writable
+        elif fault == "wrap":
+            d[h, 0] = -16                       # addr + len wraps past 2**64
         elif fault == "below":
             d[h, 0] = BASE - 64
         elif fault == "past_end":

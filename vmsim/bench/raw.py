@@ -145,7 +145,7 @@ def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256,
         if batched:
             # a buffer's token is its address: what comes back is what goes out again
             add_bufs, get_bufs = vq.add_bufs, vq.get_bufs
-            fromiter, u64 = np.fromiter, np.uint64
+            fromiter, u64, ndarray = np.fromiter, np.uint64, np.ndarray
             add_bufs(buf_np, 64, bufs, True)
         else:
             for i in range(in_flight):
@@ -168,7 +168,9 @@ def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256,
                 toks, _lens = get_bufs()
                 n = len(toks)
                 if n:
-                    add_bufs(fromiter(toks, u64, n), 64, toks, True)
+                    # (an object array of ints converts in one call, a list by iteration)
+                    add_bufs(toks.astype(u64) if type(toks) is ndarray else fromiter(toks, u64, n),
+                             64, toks, True)
             else:
                 n = 0
                 while (r := get_buf()) is not None:

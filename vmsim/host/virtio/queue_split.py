@@ -29,6 +29,8 @@ U32 = 0xFFFFFFFF
 UNPACK_DESC = R.DESC.unpack_from
 UNPACK_DESC3 = struct.Struct("<" + "QIHH" * 3).unpack_from
 _MAX = np.maximum
+_GT = np.greater
+_NNZ = np.count_nonzero
 
 
 class SplitQueue(DeviceQueue):
@@ -75,14 +77,20 @@ class SplitQueue(DeviceQueue):
         # copy at memcpy speed (a structured dtype costs ~8x more). The descriptor table is
         # read as (num, 2) u64: addr, then len | flags << 32 | next << 48.
         buf = mem.mm
-        desc_np = np.ndarray((num, 2), np.uint64, buf, self.desc_off)
-        self.desc_addr_np = desc_np[:, 0]
-        self.desc_w_np = desc_np[:, 1]
+        # The table is read through flat views (word 2i is descriptor i's addr, word 2i + 1
+        # its len | flags | next) indexed by 2 * head: a take from a contiguous 1-D array
+        # costs about half of one from a strided column.
+        self.desc_addr_np = np.ndarray(2 * num, np.uint64, buf, self.desc_off)
+        self.desc_w_np = np.ndarray(2 * num - 1, np.uint64, buf, self.desc_off + 8)
         self.avail_np = np.ndarray(num, np.uint16, buf, avail_addr - mem.base + 4)
         self.used_u64 = np.ndarray(num, np.uint64, buf, used_addr - mem.base + 4)
-        self._size_u64 = np.uint64(mem.size)
+        # The batch check below folds "len >= 1 and neither NEXT nor INDIRECT set" into
+        # len - 1 < 2**32 - 1 and compares it with the RAM's last offset together with the
+        # buffer's end: that needs RAM smaller than 4 GiB; above, the bits are checked apart.
+        self._big_ram = mem.size >= 0xFFFFFFFF
         self._consts = tuple(np.full(num, v, np.uint64) for v in (
-            0xFFFFFFFF, mem.base, 1, (NEXT | INDIRECT) << 32, WRITE << 32))
+            0xFFFFFFFF | (NEXT | INDIRECT) << 32, mem.base, 1, 0xFFFFFFFE, WRITE << 32,
+            mem.size - 1))
         self._consts_n = num
         self._consts_cut = self._consts
         self.used_h[R.USED_H_FLAGS] = 0
@@ -124,44 +132,47 @@ class SplitQueue(DeviceQueue):
         else:
             heads = np.concatenate((self.avail_np[s:], self.avail_np[:s + n - num])).astype(
                 np.intp)
+        h2 = heads + heads
         try:
-            addr = self.desc_addr_np.take(heads)
+            addr = self.desc_addr_np.take(h2)
         except IndexError:
             # a head >= num: take the ones before it; pop_batch names it
             n = int((heads >= num).argmax())
             if n == 0:
                 return None
-            heads = heads[:n]
-            addr = self.desc_addr_np.take(heads)
-        w = self.desc_w_np.take(heads)          # len | flags << 32 | next << 48
+            heads, h2 = heads[:n], h2[:n]
+            addr = self.desc_addr_np.take(h2)
+        w = self.desc_w_np.take(h2)             # len | flags << 32 | next << 48
         # (constants as arrays of the batch's length: a numpy scalar operand costs more)
         if n != self._consts_n:
             self._consts_n = n
             self._consts_cut = tuple(c[:n] for c in self._consts)
-        c_len, c_base, c_one, c_chained, c_write = self._consts_cut
-        ln = w & c_len
-        off = addr - c_base                     # wraps to a huge value below RAM
-        end = off + ln
-        # One reduction checks every buffer: the largest of end (inside RAM), off (not
-        # below RAM: a wrapped off is huge), len - 1 (not empty: 0 - 1 wraps) and the NEXT /
-        # INDIRECT bits (>= 2**32 when set) must not pass the end of RAM.
-        worst = _MAX(_MAX(end, off), _MAX(ln - c_one, w & c_chained))
-        if _MAX.reduce(worst) > self._size_u64:
-            ok = worst <= self._size_u64
-            k = int(ok.argmin())
+        c_chk, c_base, c_one, c_lenmax, c_write, c_last = self._consts_cut
+        # x = len - 1 for a valid buffer; an empty one wraps to huge, NEXT / INDIRECT set
+        # make it >= 2**32 - 1. off wraps to huge below RAM; off + x is the buffer's last
+        # byte (it wraps below off or x if either is huge). One compare of the largest of
+        # the three with RAM's last offset catches every fault (2**32 - 1 > RAM's last).
+        x = (w & c_chk) - c_one
+        off = addr - c_base
+        worst = _MAX(off + x, _MAX(off, x))
+        bad = _GT(worst, c_last)
+        if self._big_ram:
+            bad |= _GT(x, c_lenmax)
+        if _NNZ(bad):
+            k = int(bad.argmax())
             if k == 0:
                 return None
-            heads, off, ln, w, n = heads[:k], off[:k], ln[:k], w[:k], k
-            c_write = c_write[:k]
-        wbits = w & c_write
-        nw = np.count_nonzero(wbits)
+            heads, off, x, w, n = heads[:k], off[:k], x[:k], w[:k], k
+            c_one, c_write = c_one[:k], c_write[:k]
+        ln = x + c_one
+        writable = (w & c_write).astype(bool)
+        nw = _NNZ(writable)
         if nw == n:
             rbytes = 0
         elif nw == 0:
             rbytes = int(ln.sum())
         else:
-            rbytes = int(ln[wbits == 0].sum())
-        writable = wbits.astype(bool)
+            rbytes = int(ln[~writable].sum())
         self.last_avail_idx = (last + n) & 0xFFFF
         self.avail_seen = avail
         self.inflight += n
