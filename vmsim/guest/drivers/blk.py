@@ -38,6 +38,7 @@ ENODEV = -errno.ENODEV
 
 STATUS_PENDING = 0xFF          # what sync() reports if a request never completed
 SLOT = 32                      # bytes per request slot: header at 0, status at 16
+STEP_ASIDE_NS = 20_000_000     # longest the completion loop waits for blocked submitters
 
 Callback = Callable[[int, Any], None]   # (status byte, the caller's argument)
 
@@ -70,7 +71,7 @@ class BlkRequest:
 class BlkQueue:
     """struct virtio_blk_vq: a request queue, its lock and its free slots."""
 
-    __slots__ = ("dead", "free", "index", "lock", "slots", "slots_gpa", "vq")
+    __slots__ = ("dead", "free", "index", "lock", "slots", "slots_gpa", "vq", "waiting")
 
     def __init__(self, vq: Virtqueue) -> None:
         self.vq = vq
@@ -81,6 +82,20 @@ class BlkQueue:
         self.slots_gpa = 0
         self.index = vq.index
         self.dead = False          # deleted by a freeze: a submitter that raced it holds
+        # One entry per submitter blocked on the lock (list append / pop are atomic under
+        # the GIL): the completion loop steps aside while there is any (see _done).
+        self.waiting: list[None] = []
+
+
+def _acquire_waiting(q: BlkQueue) -> None:
+    """Take q.lock after a non-blocking try failed, counted as waiting meanwhile. Python's
+    locks are not fair: a thread that releases and takes a lock again at once nearly always
+    wins over one woken to take it, so the completion loop needs to know it is wanted."""
+    q.waiting.append(None)
+    try:
+        q.lock.acquire()
+    finally:
+        q.waiting.pop()
 
 
 class VirtioBlk:
@@ -171,7 +186,10 @@ class VirtioBlk:
             return self._hold(typ, sector, sgs, callback, arg, qid)
         q = self.queues[qid]
         plugged = getattr(self._plug, "queues", None)
-        with q.lock:
+        lock = q.lock
+        if not lock.acquire(False):
+            _acquire_waiting(q)
+        try:
             if q.dead:              # frozen since we looked
                 return self._hold(typ, sector, sgs, callback, arg, qid)
             free = q.free
@@ -209,6 +227,8 @@ class VirtioBlk:
                 kick = False
             else:
                 kick = vq.kick_prepare()
+        finally:
+            lock.release()
         if kick:
             vq.notify()
         return 0
@@ -234,7 +254,10 @@ class VirtioBlk:
         t_out = B.VIRTIO_BLK_T_OUT
         done = 0
         err = 0
-        with q.lock:
+        lock = q.lock
+        if not lock.acquire(False):
+            _acquire_waiting(q)
+        try:
             free = q.free
             vq = q.vq
             add = vq.add_sgs
@@ -270,6 +293,8 @@ class VirtioBlk:
                 kick = False
             else:
                 kick = bool(done) and vq.kick_prepare()
+        finally:
+            lock.release()
         if kick:
             vq.notify()
         return done, err
@@ -349,14 +374,19 @@ class VirtioBlk:
         poll_until = 0
         plug = self._plug
         plug.queues = kicks = set()
+        # At most a window's worth of completions per hold of the lock: while the device
+        # keeps using buffers (a slow DMA API, a fast device) draining "until empty" would
+        # never end, and a submitter blocked on the lock would wait forever.
+        budget = max(1, len(q.slots))
+        waiting = q.waiting
         try:
             while True:
                 n = 0
                 with lock:
                     vq.disable_cb()
                     # every used request at once (one read of used->idx, a batch detach)
-                    while True:
-                        reqs, _ = get_bufs()
+                    while n < budget:
+                        reqs, _ = get_bufs(budget - n)
                         if not len(reqs):
                             break
                         for req in reqs:
@@ -375,6 +405,8 @@ class VirtioBlk:
                         for kq in kicks:
                             self._kick(kq)
                         kicks.clear()
+                    if waiting:
+                        self._step_aside(q)
                     if poll_ns:
                         poll_until = time.monotonic_ns() + poll_ns
                     continue
@@ -390,6 +422,16 @@ class VirtioBlk:
             plug.queues = None
             for kq in kicks:
                 self._kick(kq)
+
+    @staticmethod
+    def _step_aside(q: BlkQueue) -> None:
+        """Let the submitters blocked on q.lock take it before the completion loop takes it
+        again (it would win the race for it every time: Python's locks are not fair). The
+        wait is bounded: a submitter counts as waiting until it has the lock and the GIL,
+        which the interpreter hands over within its switch interval."""
+        deadline = time.monotonic_ns() + STEP_ASIDE_NS
+        while q.waiting and time.monotonic_ns() < deadline:
+            os.sched_yield()            # releases the GIL and the CPU
 
     # ---- suspend and resume (virtblk_freeze / virtblk_restore) ----------------------------------
     def _hold(self, typ: int, sector: int, sgs: Sequence[Sg], callback: Callback, arg: Any,
