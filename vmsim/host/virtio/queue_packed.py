@@ -39,6 +39,9 @@ ENABLE = P.VRING_PACKED_EVENT_FLAG_ENABLE
 DISABLE = P.VRING_PACKED_EVENT_FLAG_DISABLE
 DESC_EVENT = P.VRING_PACKED_EVENT_FLAG_DESC
 UNPACK_DESC = P.DESC.unpack_from
+_MAX = np.maximum
+_GT = np.greater
+_NNZ = np.count_nonzero
 UNPACK_DESC3 = struct.Struct("<" + "QIHH" * 3).unpack_from
 PACK_USED = struct.Struct("<IH").pack_into      # len, id (then the flags, alone)
 
@@ -94,11 +97,15 @@ class PackedQueue(DeviceQueue):
         self._nd = memoryview(self._nd_np)
         self._multi_out = 0                     # buffers of > 1 ring descriptor in flight
         self._seen = np.zeros(num, np.uint8)
+        # Constants as arrays, cut to a batch's length (a numpy scalar operand costs about
+        # twice an array one): len | NEXT | INDIRECT (the check below), RAM's base, 1, WRITE,
+        # RAM's last offset, the flags an available descriptor has in each lap (AVAIL and
+        # USED bits of word 1), and a used descriptor's flags in each lap.
+        mask = (F_AVAIL | F_USED) << 48
         self._consts = tuple(np.full(num, v, np.uint64) for v in (
-            0xFFFFFFFF, mem.base, 1, (NEXT | INDIRECT) << 48, WRITE << 48, 0xFFFF))
-        self._size_u64 = np.uint64(mem.size)
-        self._consts_n = num
-        self._consts_cut = self._consts
+            0xFFFFFFFF | (NEXT | INDIRECT) << 48, mem.base, 1, WRITE << 48, mem.size - 1,
+            mask, F_USED << 48, F_AVAIL << 48, 0, mask, 32))
+        self._cuts: dict[int, tuple] = {}
         self._chains = [DescChain(mem) for _ in range(num)]  # by buffer id
         self._pending_used: list[tuple[int, int, int]] = []  # in-order batch: (id, len, ndescs)
         self.dev_ev[P.EVENT_H_OFF_WRAP] = 0
@@ -326,8 +333,8 @@ class PackedQueue(DeviceQueue):
             return None if self.has_work() else EMPTY_BUFS
         w = self.avail_wrap_counter
         snap = self._w1[pos:pos + m].copy()
-        want = np.uint64(F_AVAIL << 48 if w else F_USED << 48)
-        avail = (snap & np.uint64((F_AVAIL | F_USED) << 48)) == want
+        cm = self._cut(m)
+        avail = (snap & cm[5]) == cm[7 if w else 6]
         k = int(avail.argmin())
         if avail[k]:
             k = m
@@ -335,27 +342,26 @@ class PackedQueue(DeviceQueue):
             return None if self.has_work() or self._used_by_driver(pos, w) else EMPTY_BUFS
         if k < m:
             snap = snap[:k]
-        if k != self._consts_n:
-            self._consts_n = k
-            self._consts_cut = tuple(c[:k] for c in self._consts)
-        c_len, c_base, c_one, c_chained, c_write, c_id = self._consts_cut
+            cm = self._cut(k)
+        c_chk, c_base, c_one, c_write, c_last = cm[:5]
         addr = self._w0[pos:pos + k]
-        ln = snap & c_len
+        # x = len - 1 for a valid buffer (an empty one wraps to huge; NEXT or INDIRECT make
+        # it >= 2**48); off wraps to huge below RAM; off + x, the last byte, wraps below off
+        # or x if either is huge: one compare of the largest with RAM's last offset.
+        x = (snap & c_chk) - c_one
         off = addr - c_base
-        end = off + ln
-        ids = ((snap >> np.uint64(32)) & c_id).astype(np.intp)
-        worst = np.maximum(np.maximum(end, off), np.maximum(ln - c_one, snap & c_chained))
-        bad = np.maximum.reduce(worst) > self._size_u64
+        ids = snap.view(np.uint16)[2::4].astype(np.intp)      # bits 32-47: the buffer id
+        bad = _NNZ(_GT(_MAX(off + x, _MAX(off, x)), c_last))
         if not bad:
             seen = self._seen
             seen[ids] = 1
-            bad = np.count_nonzero(seen) != k or np.count_nonzero(self._ifl[ids]) != 0
+            bad = _NNZ(seen) != k or _NNZ(self._ifl[ids]) != 0
             seen[ids] = 0
         if bad:
             return self._pop_bufs_prefix(k)
-        wbits = snap & c_write
-        writable = wbits.astype(bool)
-        nw = np.count_nonzero(wbits)
+        ln = x + c_one
+        writable = (snap & c_write).astype(bool)
+        nw = _NNZ(writable)
         rbytes = 0 if nw == k else int(ln[~writable].sum())
         self._ifl[ids] = 1
         self._nd_np[ids] = 1
@@ -374,6 +380,15 @@ class PackedQueue(DeviceQueue):
             if more is not None and len(more.heads):
                 out = Bufs(*(np.concatenate(pair) for pair in zip(out, more, strict=True)))
         return out
+
+    def _cut(self, n: int) -> tuple:
+        """The constants cut to length n (cached: batches come in few lengths)."""
+        c = self._cuts.get(n)
+        if c is None:
+            if len(self._cuts) > 64:
+                self._cuts.clear()
+            c = self._cuts[n] = tuple(a[:n] for a in self._consts)
+        return c
 
     def _used_by_driver(self, pos: int, w: int) -> bool:
         flags = self.ring_h[8 * pos + 7]
@@ -394,27 +409,30 @@ class PackedQueue(DeviceQueue):
             DeviceQueue.push_used(self, heads, written)
             return
         ids = np.asarray(heads, np.uint64)
+        c = self._cut(n)
         if isinstance(written, int):
-            lo = ids << np.uint64(32) | np.uint64(written | (WRITE << 48 if written else 0))
+            lo = ids << c[10]
+            if written:
+                lo |= np.uint64(written | WRITE << 48)
             nbytes = written * n
         else:
             wr = np.asarray(written, np.uint64)
-            lo = wr | ids << np.uint64(32) | (wr != 0).astype(np.uint64) << np.uint64(
+            lo = wr | ids << c[10] | (wr != 0).astype(np.uint64) << np.uint64(
                 48 + 1)                                     # WRITE is bit 1 of the flags
             nbytes = int(wr.sum())
         pos = self.used_idx
         num = self.num
-        used_flags = np.uint64((F_AVAIL | F_USED) << 48)
         w1 = self._w1
         k = min(n, num - pos)
-        w1[pos:pos + k] = lo[:k] | used_flags if self.used_wrap_counter else lo[:k]
+        # a used descriptor's AVAIL and USED bits both equal the wrap counter
+        w1[pos:pos + k] = lo[:k] | c[9][:k] if self.used_wrap_counter else lo[:k]
         pos += k
         if pos == num:
             pos = 0
             self.used_wrap_counter ^= 1
             self.used_laps += 1
             if n > k:
-                w1[:n - k] = lo[k:] | used_flags if self.used_wrap_counter else lo[k:]
+                w1[:n - k] = lo[k:] | c[9][:n - k] if self.used_wrap_counter else lo[k:]
                 pos = n - k
         self.used_idx = pos
         self._ifl[heads] = 0
