@@ -54,12 +54,6 @@ DESC_EVENT = P.VRING_PACKED_EVENT_FLAG_DESC
 PACK_DESC = P.DESC.pack_into
 PACK_HEAD = struct.Struct("<QIH").pack_into    # addr, len, id: the head's flags come last
 PACK_DESC2 = struct.Struct("<QIHHQIHH").pack_into
-# the batch paths' constants
-_U32 = np.uint64(32)
-_U16 = np.uint64(0xFFFF)
-_LEN = np.uint64(0xFFFFFFFF)
-_AU = np.uint64((F_AVAIL | F_USED) << 48)
-_ZERO = np.uint64(0)
 
 
 class PackedVirtqueue(Virtqueue):
@@ -123,6 +117,12 @@ class PackedVirtqueue(Virtqueue):
         self._stack = np.empty(num, np.intp)
         self._top = 0
         self._seen = np.zeros(num, np.uint8)
+        # Constants as arrays cut to a batch's length (a numpy scalar operand costs about
+        # twice an array one): 32 (the id's shift), the AVAIL | USED bits, zero. And the
+        # low words' constant part (len | flags << 48) by (len, flags), built on first use.
+        self._consts = tuple(np.full(num, v, np.uint64) for v in (32, (F_AVAIL | F_USED) << 48,
+                                                                  0))
+        self._lo_consts: dict[tuple[int, int], Any] = {}
         self.desc_in_len = [0] * num              # its writable bytes (for in-order batches)
         self._lat_np = np.zeros(num, np.int64)
         self.lat_t = memoryview(self._lat_np)     # add time of a sampled buffer, by id
@@ -273,20 +273,25 @@ class PackedVirtqueue(Virtqueue):
         num = self.num
         head = self.next_avail_idx
         flags = self.avail_used_flags | (WRITE if writable else 0)
-        lo = ids.astype(np.uint64) << _U32
-        lo |= np.asarray(lens, np.uint64) if not isinstance(lens, int) else np.uint64(lens)
+        lo = ids.astype(np.uint64)
+        lo <<= self._consts[0][:n]
+        if isinstance(lens, int):
+            lo |= self._lo_const(lens, flags)[:n]
+        else:
+            lo |= np.asarray(lens, np.uint64)
+            lo |= self._lo_const(0, flags)[:n]
         k = min(n, num - head)
         self._w0[head:head + k] = addrs[:k]
-        self._w1[head:head + k] = lo[:k] | np.uint64(flags << 48)
+        self._w1[head:head + k] = lo[:k]
         pos = head + k
         if pos == num:
             pos = 0
             self.avail_wrap_counter ^= 1
             self.avail_used_flags ^= FLIP
             if n > k:
-                flags ^= FLIP
+                # the next lap's AVAIL / USED bits are the other way round
                 self._w0[:n - k] = addrs[k:]
-                self._w1[:n - k] = lo[k:] | np.uint64(flags << 48)
+                self._w1[:n - k] = lo[k:] ^ self._lo_const(0, FLIP)[:n - k]
                 pos = n - k
         self.next_avail_idx = pos
         self.num_free -= n
@@ -327,6 +332,16 @@ class PackedVirtqueue(Virtqueue):
         self._stack[:len(out)] = out[::-1]
         self._top = len(out)
 
+    def _lo_const(self, ln: int, flags: int) -> Any:
+        """An array of len | flags << 48 (cached: a driver uses few of them)."""
+        key = (ln, flags)
+        c = self._lo_consts.get(key)
+        if c is None:
+            if len(self._lo_consts) > 64:
+                self._lo_consts.clear()
+            c = self._lo_consts[key] = np.full(self.num, ln | flags << 48, np.uint64)
+        return c
+
     def get_bufs(self, limit: int = 1 << 16) -> tuple[Sequence[Any], Sequence[int]]:
         """Every used buffer (see Virtqueue.get_bufs), up to the ring's end per segment: the
         used descriptors' len | id | flags words are copied once and checked with a few numpy
@@ -334,8 +349,9 @@ class PackedVirtqueue(Virtqueue):
         if (self._batch or self.in_order or self._multi_out or "get_buf" in self.__dict__
                 or self.broken):
             return Virtqueue.get_bufs(self, limit)
-        toks: list[Any] = []
+        toks: Any = []
         lens: Any = None
+        _, c_au, c_zero = self._consts
         while len(toks) < limit:
             lui = self.last_used_idx
             pos = lui & ~WRAP_BIT
@@ -344,7 +360,7 @@ class PackedVirtqueue(Virtqueue):
             if m <= 0:
                 break
             snap = self._w1[pos:pos + m].copy()
-            used = (snap & _AU) == (_AU if wrap else _ZERO)
+            used = (snap & c_au[:m]) == (c_au[:m] if wrap else c_zero[:m])
             k = int(used.argmin())
             if used[k]:
                 k = m
@@ -352,10 +368,10 @@ class PackedVirtqueue(Virtqueue):
                 break
             if k < m:
                 snap = snap[:k]
-            ids = ((snap >> _U32) & _U16).astype(np.intp)
+            ids = snap.view(np.uint16)[2::4].astype(np.intp)   # bits 32-47: the buffer id
             data = self.desc_data
             try:
-                got = data[ids].tolist()
+                got = data[ids]
             except IndexError:
                 self.mark_broken(f"a used id is >= {self.num}")
                 return toks, lens if lens is not None else []
@@ -363,7 +379,7 @@ class PackedVirtqueue(Virtqueue):
             seen[ids] = 1
             distinct = np.count_nonzero(seen)
             seen[ids] = 0
-            if None in got or distinct != k:
+            if distinct != k or None in got.tolist():
                 self.mark_broken("a used id is not a buffer in flight, or is used twice")
                 return toks, lens if lens is not None else []
             data[ids] = None
@@ -379,9 +395,9 @@ class PackedVirtqueue(Virtqueue):
                 wrap ^= 1
             self.last_used_idx = pos | wrap << WRAP_SHIFT
             self.n_completed += k
-            ln = snap & _LEN
-            if toks:
-                toks += got
+            ln = snap.view(np.uint32)[::2]           # bits 0-31: the length written
+            if len(toks):
+                toks = np.concatenate((toks, got))
                 lens = np.concatenate((lens, ln))
             else:
                 toks, lens = got, ln
