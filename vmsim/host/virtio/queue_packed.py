@@ -332,6 +332,10 @@ class PackedQueue(DeviceQueue):
         if m <= 0:
             return None if self.has_work() else EMPTY_BUFS
         w = self.avail_wrap_counter
+        # One native load of the next descriptor's flags first: a polling device mostly finds
+        # nothing, and this answers that for a tenth of the batch check's cost.
+        if self.ring_h[8 * pos + 7] & (F_AVAIL | F_USED) != (F_AVAIL if w else F_USED):
+            return None if self._used_by_driver(pos, w) else EMPTY_BUFS
         snap = self._w1[pos:pos + m].copy()
         cm = self._cut(m)
         avail = (snap & cm[5]) == cm[7 if w else 6]
