@@ -14,7 +14,6 @@ import os
 import random
 import re
 import select
-import shutil
 import signal
 import socket
 import struct
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import qemu_guest as qg
+from test_net import _tap_blocker  # the same probe: ip, netns, tun/tap
 from test_vhost_user import RAM_GPA, UVA, Backend, Frontend
 
 from vmsim.abi import features as F
@@ -45,23 +45,6 @@ HDR = N.HDR_SIZE
 
 
 # ---- the network namespace ---------------------------------------------------------------------
-def _tap_blocker() -> str | None:
-    if shutil.which("ip") is None:
-        return "the ip command (iproute2) is not installed"
-    ns = f"vmsim-probe-{uuid.uuid4().hex[:6]}"
-    r = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True)
-    if r.returncode:
-        return f"cannot create a network namespace: {r.stderr.strip()}"
-    try:
-        r = subprocess.run(["ip", "netns", "exec", ns, "ip", "tuntap", "add", "dev", "probe0",
-                            "mode", "tap"], capture_output=True, text=True)
-        if r.returncode:
-            return f"tun/tap is not permitted here: {r.stderr.strip()}"
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    return None
-
-
 @pytest.fixture
 def netns():
     blocker = _tap_blocker()
