@@ -520,6 +520,40 @@ def _in_ns(ns: str, *cmd: str, timeout: float = 20) -> subprocess.CompletedProce
     return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True,
                           timeout=timeout)
 
+def ping_a_guest_through_tap(tmp_path: Path, netns: str, cfg: Path, tap: str, host_ip: str,
+                             guest_ip: str) -> dict:
+    """`vmsim run cfg` inside the namespace; once its TAP appears, give it `host_ip`/24 and
+    ping the guest's responder at `guest_ip` with the real `ping` (0% loss); stop the run
+    with Ctrl-C; the summary."""
+    js = tmp_path / "s.json"
+    out = open(tmp_path / "vmsim.out", "wb")  # noqa: SIM115 (closed below, after the run)
+    p = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "vmsim", "run",
+                          str(cfg), "--json", str(js), "-q"], stdout=out,
+                         stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while _in_ns(netns, "ip", "link", "show", tap).returncode:
+            assert p.poll() is None, (tmp_path / "vmsim.out").read_text()
+            assert time.monotonic() < deadline, "the TAP interface never appeared"
+            time.sleep(0.1)
+        assert _in_ns(netns, "ip", "addr", "add", f"{host_ip}/24", "dev", tap).returncode == 0
+        assert _in_ns(netns, "ip", "link", "set", tap, "up").returncode == 0
+        r = _in_ns(netns, "ping", "-c", "5", "-i", "0.2", "-W", "3", guest_ip, timeout=40)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert " 0% packet loss" in r.stdout, r.stdout
+    finally:
+        if p.poll() is None:
+            p.send_signal(2)                          # Ctrl-C: a clean stop with a summary
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        out.close()
+    assert p.returncode == 130, (tmp_path / "vmsim.out").read_text()   # stopped by SIGINT
+    return load_json(js)
+
+
 
 @pytest.mark.timeout(90)
 def test_real_ping_reaches_a_guest_through_tap(tmp_path, netns):
@@ -537,34 +571,8 @@ def test_real_ping_reaches_a_guest_through_tap(tmp_path, netns):
             workloads:
               ip: {type: net-responder, device: eth0, ip: 10.199.0.2}
         """)
-    js = tmp_path / "s.json"
-    out = open(tmp_path / "vmsim.out", "wb")  # noqa: SIM115 (closed below, after the run)
-    p = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "vmsim", "run",
-                          str(cfg), "--json", str(js), "-q"], stdout=out,
-                         stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while _in_ns(netns, "ip", "link", "show", "vmsimtap0").returncode:
-            assert p.poll() is None, (tmp_path / "vmsim.out").read_text()
-            assert time.monotonic() < deadline, "the TAP interface never appeared"
-            time.sleep(0.1)
-        assert _in_ns(netns, "ip", "addr", "add", "10.199.0.1/24", "dev",
-                      "vmsimtap0").returncode == 0
-        assert _in_ns(netns, "ip", "link", "set", "vmsimtap0", "up").returncode == 0
-        r = _in_ns(netns, "ping", "-c", "5", "-i", "0.2", "-W", "3", "10.199.0.2", timeout=40)
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert " 0% packet loss" in r.stdout, r.stdout
-    finally:
-        if p.poll() is None:
-            p.send_signal(2)                          # Ctrl-C: a clean stop with a summary
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        out.close()
-    assert p.returncode == 130, (tmp_path / "vmsim.out").read_text()   # stopped by SIGINT
-    s = load_json(js)
+    s = ping_a_guest_through_tap(tmp_path, netns, cfg, "vmsimtap0", "10.199.0.1",
+                                 "10.199.0.2")
     ip = s["workloads"]["vm0.ip"]
     assert ip["errors"] == 0 and ip["ops"] >= 5 and ip["arp_replies"] >= 1, ip
     info = s["vms"]["vm0"]["devices"]["eth0"]["info"]

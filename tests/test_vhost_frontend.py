@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_net import _in_ns, netns  # noqa: F401 - a fixture
+from tests.test_net import netns, ping_a_guest_through_tap  # noqa: F401 - a fixture
 from tests.test_run import Launch, run_vmsim, write_yaml
 
 TRANSPORTS = ["mmio", "mmio-legacy", "pci", "pci-legacy", "ccw"]
@@ -390,34 +390,8 @@ def test_real_ping_through_a_spawned_net_backend_on_a_tap(tmp_path, netns):  # n
             workloads:
               ip: {type: net-responder, device: eth0, ip: 10.198.0.2}
         """)
-    js = tmp_path / "s.json"
-    out = open(tmp_path / "vmsim.out", "wb")  # noqa: SIM115 (closed below, after the run)
-    p = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "vmsim", "run",
-                          str(cfg), "--json", str(js), "-q"], stdout=out,
-                         stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while _in_ns(netns, "ip", "link", "show", "vmsimvu0").returncode:
-            assert p.poll() is None, (tmp_path / "vmsim.out").read_text()
-            assert time.monotonic() < deadline, "the TAP interface never appeared"
-            time.sleep(0.1)
-        assert _in_ns(netns, "ip", "addr", "add", "10.198.0.1/24", "dev",
-                      "vmsimvu0").returncode == 0
-        assert _in_ns(netns, "ip", "link", "set", "vmsimvu0", "up").returncode == 0
-        r = _in_ns(netns, "ping", "-c", "5", "-i", "0.2", "-W", "3", "10.198.0.2", timeout=40)
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert " 0% packet loss" in r.stdout, r.stdout
-    finally:
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        out.close()
-    assert p.returncode == 130, (tmp_path / "vmsim.out").read_text()
-    s = json.loads(js.read_text())
+    s = ping_a_guest_through_tap(tmp_path, netns, cfg, "vmsimvu0", "10.198.0.1",
+                                 "10.198.0.2")
     ip = s["workloads"]["vm0.ip"]
     assert ip["errors"] == 0 and ip["ops"] >= 5 and ip["arp_replies"] >= 1, ip
     dev = s["vms"]["vm0"]["devices"]["eth0"]
