@@ -20,7 +20,7 @@ from vmsim.abi import net as N
 from vmsim.host.devices.net.backend import Meta, TapBackend
 from vmsim.host.devices.net.config import build_config
 from vmsim.host.devices.net.metrics import NetMetrics
-from vmsim.host.devices.net.request import TX_FRAME_MAX, complete_checksum, read_tx, rx_header
+from vmsim.host.devices.net.request import TX_FRAME_MAX, deliver_frames, read_tx
 from vmsim.host.virtio.errors import Reason, RingError
 from vmsim.host.virtio.queue import DeviceQueue
 from vmsim.vhost.devices import BATCH, VhostDevice
@@ -152,66 +152,9 @@ class NetVhostDevice(VhostDevice):
     def _deliver(self, pair: int, q: DeviceQueue) -> int:
         """Waiting frames into posted buffers (several per frame with MRG_RXBUF); the
         buffers used. A frame that finds too little room waits for the next kick."""
-        backlog = self.backlog[pair]
-        mergeable = F.has(self.acked, N.VIRTIO_NET_F_MRG_RXBUF)
-        guest_csum = F.has(self.acked, N.VIRTIO_NET_F_GUEST_CSUM)
-        m = self.metrics
-        used = 0
-        while backlog:
-            frame, meta = backlog[0]
-            if meta is not None and not guest_csum:
-                try:        # the driver cannot take a partial checksum: complete it here
-                    frame = complete_checksum(frame, meta[1], meta[2])
-                    m.csum_completed += 1
-                except ValueError:
-                    m.rx_dropped_filter += 1
-                    backlog.popleft()
-                    continue
-                meta = None
-            need = self.hdr_len + len(frame)
-            mark = q.mark()
-            chains = []
-            room = 0
-            while room < need:
-                got = q.pop_batch(1)
-                if not got:
-                    break
-                c = got[0]
-                if not c.wlen:
-                    raise RingError(Reason.WRONG_DIRECTION,
-                                    f"receive buffer {c.head} has no device-writable byte")
-                if mergeable and c.wlen < self.hdr_len:
-                    raise RingError(Reason.NET_HEADER_SHORT,
-                                    f"a mergeable receive buffer of {c.wlen} bytes")
-                chains.append(c)
-                room += c.wlen
-                if not mergeable:
-                    break
-            if room < need:
-                q.rewind(mark, chains)
-                if chains and not mergeable:
-                    m.rx_dropped_too_big += 1       # one buffer is all it may take
-                    backlog.popleft()
-                    continue
-                if q.wait_for_more():
-                    continue                        # more were posted meanwhile
-                m.rx_starved += 1
-                break
-            backlog.popleft()
-            data = rx_header(meta, guest_csum, len(chains))[:self.hdr_len] + frame
-            done = 0
-            written = []
-            for chain in chains:
-                k = chain.write_at(0, data[done:done + chain.wlen])
-                written.append(k)
-                done += k
-            q.fill_batch(chains, written)
-            used += len(chains)
-            m.rx_frames += 1
-            m.rx_bytes += len(frame)
-            if len(chains) > 1:
-                m.rx_merged_buffers += len(chains)
-        return used
+        return deliver_frames(q, self.backlog[pair], self.hdr_len,
+                              F.has(self.acked, N.VIRTIO_NET_F_MRG_RXBUF),
+                              F.has(self.acked, N.VIRTIO_NET_F_GUEST_CSUM), self.metrics)[0]
 
     def describe(self) -> str:
         m = self.metrics

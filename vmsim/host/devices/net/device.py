@@ -23,10 +23,9 @@ from vmsim.host.devices.net.request import (
     CONTROL_MAX,
     TX_FRAME_MAX,
     BadCommand,
-    complete_checksum,
+    deliver_frames,
     parse_mac_table,
     read_tx,
-    rx_header,
 )
 from vmsim.host.memory import GuestMemory
 from vmsim.host.virtio.device import QueueState, VirtioDevice
@@ -221,70 +220,12 @@ class NetDevice(VirtioDevice):
 
     def _deliver(self, q: QueueState, ring: DeviceQueue) -> int:
         """Move waiting frames into posted buffers; returns the buffers used."""
-        backlog = self.backlog[q.index // 2]
-        mergeable = self.negotiated(N.VIRTIO_NET_F_MRG_RXBUF)
-        guest_csum = self.negotiated(N.VIRTIO_NET_F_GUEST_CSUM)
-        m = self.metrics
-        used = 0
-        while backlog:
-            frame, meta = backlog[0]
-            if meta is not None and not guest_csum:
-                # The driver cannot take a partial checksum: complete it here.
-                try:
-                    frame = complete_checksum(frame, meta[1], meta[2])
-                    m.csum_completed += 1
-                except ValueError:
-                    m.rx_dropped_filter += 1
-                    backlog.popleft()
-                    continue
-                meta = None
-            need = self.hdr_len + len(frame)
-            mark = ring.mark()
-            chains = []
-            room = 0
-            while room < need:
-                got = ring.pop_batch(1)
-                if not got:
-                    break
-                c = got[0]
-                # QEMU: "receive queue contains no in buffers"; with MRG_RXBUF each buffer
-                # must hold at least the header (a driver requirement, spec 5.1.6.3.1).
-                if not c.wlen:
-                    raise RingError(Reason.WRONG_DIRECTION,
-                                    f"receive buffer {c.head} has no device-writable byte")
-                if mergeable and c.wlen < self.hdr_len:
-                    raise RingError(Reason.NET_HEADER_SHORT,
-                                    f"a mergeable receive buffer of {c.wlen} bytes")
-                chains.append(c)
-                room += c.wlen
-                if not mergeable:
-                    break
-            if room < need:
-                ring.rewind(mark, chains)
-                if chains and not mergeable:
-                    # One buffer is all a frame may take without MRG_RXBUF.
-                    m.rx_dropped_too_big += 1
-                    backlog.popleft()
-                    continue
-                if ring.wait_for_more():
-                    continue                       # more were posted meanwhile: try again
-                self.rx_starved[q.index // 2] = True
-                m.rx_starved += 1
-                break
-            backlog.popleft()
-            data = rx_header(meta, guest_csum, len(chains))[:self.hdr_len] + frame
-            done = 0
-            written = []
-            for chain in chains:
-                n = chain.write_at(0, data[done:done + chain.wlen])
-                written.append(n)
-                done += n
-            ring.fill_batch(chains, written)
-            used += len(chains)
-            m.rx_frames += 1
-            m.rx_bytes += len(frame)
-            if len(chains) > 1:
-                m.rx_merged_buffers += len(chains)
+        used, starved = deliver_frames(
+            ring, self.backlog[q.index // 2], self.hdr_len,
+            self.negotiated(N.VIRTIO_NET_F_MRG_RXBUF),
+            self.negotiated(N.VIRTIO_NET_F_GUEST_CSUM), self.metrics)
+        if starved:
+            self.rx_starved[q.index // 2] = True
         return used
 
     # ---- control queue ---------------------------------------------------------------------------

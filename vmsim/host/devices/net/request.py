@@ -3,9 +3,13 @@ receive buffer to fill, a control command (class, command, data, ack byte). The 
 here parse and fill chains; the device decides what happens to the frames."""
 
 import struct
+from collections import deque
 
 from vmsim.abi import net as N
+from vmsim.host.devices.net.metrics import NetMetrics
 from vmsim.host.virtio.chain import DescChain
+from vmsim.host.virtio.errors import Reason, RingError
+from vmsim.host.virtio.queue import DeviceQueue
 
 # The largest frame a driver can ask the device to send: a 64 KiB (GSO) packet with its
 # Ethernet and VLAN headers. A transmit buffer longer than the header and this is refused
@@ -75,3 +79,70 @@ def parse_mac_table(data: bytes) -> tuple[list[bytes], list[bytes]]:
     if off != len(data):
         raise BadCommand(f"{len(data) - off} bytes after the MAC tables")
     return tables[0], tables[1]
+
+
+def deliver_frames(ring: DeviceQueue, backlog: deque, hdr_len: int, mergeable: bool,
+                   guest_csum: bool, m: NetMetrics) -> tuple[int, bool]:
+    """Move waiting frames into posted receive buffers (several per frame with MRG_RXBUF),
+    shared by the in-process device and `vmsim backend net`; (buffers used, starved: a frame
+    found too little room and waits for the driver's kick)."""
+    used = 0
+    while backlog:
+        frame, meta = backlog[0]
+        if meta is not None and not guest_csum:
+            # The driver cannot take a partial checksum: complete it here.
+            try:
+                frame = complete_checksum(frame, meta[1], meta[2])
+                m.csum_completed += 1
+            except ValueError:
+                m.rx_dropped_filter += 1
+                backlog.popleft()
+                continue
+            meta = None
+        need = hdr_len + len(frame)
+        mark = ring.mark()
+        chains = []
+        room = 0
+        while room < need:
+            got = ring.pop_batch(1)
+            if not got:
+                break
+            c = got[0]
+            # QEMU: "receive queue contains no in buffers"; with MRG_RXBUF each buffer
+            # must hold at least the header (a driver requirement, spec 5.1.6.3.1).
+            if not c.wlen:
+                raise RingError(Reason.WRONG_DIRECTION,
+                                f"receive buffer {c.head} has no device-writable byte")
+            if mergeable and c.wlen < hdr_len:
+                raise RingError(Reason.NET_HEADER_SHORT,
+                                f"a mergeable receive buffer of {c.wlen} bytes")
+            chains.append(c)
+            room += c.wlen
+            if not mergeable:
+                break
+        if room < need:
+            ring.rewind(mark, chains)
+            if chains and not mergeable:
+                # One buffer is all a frame may take without MRG_RXBUF.
+                m.rx_dropped_too_big += 1
+                backlog.popleft()
+                continue
+            if ring.wait_for_more():
+                continue                       # more were posted meanwhile: try again
+            m.rx_starved += 1
+            return used, True
+        backlog.popleft()
+        data = rx_header(meta, guest_csum, len(chains))[:hdr_len] + frame
+        done = 0
+        written = []
+        for chain in chains:
+            n = chain.write_at(0, data[done:done + chain.wlen])
+            written.append(n)
+            done += n
+        ring.fill_batch(chains, written)
+        used += len(chains)
+        m.rx_frames += 1
+        m.rx_bytes += len(frame)
+        if len(chains) > 1:
+            m.rx_merged_buffers += len(chains)
+    return used, False
