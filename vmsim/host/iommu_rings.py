@@ -125,6 +125,12 @@ class TranslatedSplitQueue(SplitQueue):
         """The batch path reads descriptors as guest-physical: never here."""
         return None
 
+    batch3 = False
+
+    def pop_chains3(self, limit: int = 1 << 16) -> None:
+        """As pop_bufs: never here."""
+        return None
+
     def pop_batch(self, limit: int = 1 << 16) -> list[DescChain]:
         return _one_by_one(super().pop_batch, limit)
 

@@ -119,11 +119,7 @@ class BlkVhostDevice(VhostDevice):
             self.handler.flush_ok = F.has(acked, B.VIRTIO_BLK_F_FLUSH)
 
     def serve(self, index: int, q: DeviceQueue) -> int:
-        execute = self.handler.execute
-        n = 0
-        while chains := q.pop_batch(BATCH):
-            q.fill_batch(chains, [execute(c) for c in chains])
-            n += len(chains)
+        n = self.handler.serve(q, BATCH)
         self.requests += n
         return n
 

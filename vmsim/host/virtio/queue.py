@@ -5,6 +5,7 @@ and Linux's vringh pair them).
     pop / pop_batch       take available chains, validated (RingError on a bad one)
     pop_bufs / push_used  the batch paths: every available one-descriptor buffer as numpy
                           arrays; many used buffers published with one index store
+    pop_chains3           every available three-segment chain (a block request) as arrays
     fill / flush / push   write used elements; publish them; both
     fill_batch            fill a batch and flush once
     need_notify           whether the driver wants an interrupt for what was used
@@ -38,10 +39,26 @@ _none = np.zeros(0, np.intp)
 EMPTY_BUFS = Bufs(_none, _none, _none, np.zeros(0, bool))
 
 
+class Chains3(NamedTuple):
+    """Three-segment chains popped as a batch (a block request: header, data, status): their
+    heads, and each segment's RAM offset, length and device-writability as (n, 3) arrays, in
+    chain order (readable segments first)."""
+
+    heads: np.ndarray
+    off: np.ndarray
+    len: np.ndarray
+    writable: np.ndarray
+
+
+_none3 = np.zeros((0, 3), np.int64)
+EMPTY_CHAINS3 = Chains3(_none, _none3, _none3, np.zeros((0, 3), bool))
+
+
 class DeviceQueue:
     """State and counters every ring format shares."""
 
     ring = ""            # "split" or "packed"
+    batch3 = False       # pop_chains3 takes three-segment chains as arrays
 
     def __init__(self, num: int, event_idx: bool, indirect: bool, in_order: bool,
                  stats: memoryview | None) -> None:
@@ -66,6 +83,12 @@ class DeviceQueue:
     # ---- the interface ---------------------------------------------------------------------------
     def pop_batch(self, limit: int = 1 << 16) -> list[DescChain]:
         raise NotImplementedError
+
+    def pop_chains3(self, limit: int = 1 << 16) -> Chains3 | None:
+        """Every available chain (at most `limit`) of exactly three segments, as arrays;
+        None when the next entry is anything else (or this format or memory has no batch
+        path), for pop_batch to take."""
+        return None
 
     def pop_bufs(self, limit: int = 1 << 16) -> Bufs | None:
         """Every available buffer (at most `limit`) that is one descriptor, as arrays; None

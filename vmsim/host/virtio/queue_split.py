@@ -19,7 +19,7 @@ from vmsim.abi import split_ring as R
 from vmsim.host.memory import GuestMemory, GuestMemoryError
 from vmsim.host.virtio.chain import MAX_CHAIN_BYTES, DescChain, indirect_table_max
 from vmsim.host.virtio.errors import Reason, RingError
-from vmsim.host.virtio.queue import EMPTY_BUFS, Bufs, DeviceQueue
+from vmsim.host.virtio.queue import EMPTY_BUFS, EMPTY_CHAINS3, Bufs, Chains3, DeviceQueue
 from vmsim.machine.barrier import full_barrier
 
 NEXT = R.VRING_DESC_F_NEXT
@@ -31,12 +31,23 @@ UNPACK_DESC3 = struct.Struct("<" + "QIHH" * 3).unpack_from
 _MAX = np.maximum
 _GT = np.greater
 _NNZ = np.count_nonzero
+_NO_HEADS = np.zeros(0, np.intp)
+_SIX = np.arange(6, dtype=np.intp)
+# pop_chains3's constants, as numpy values (a Python int operand costs a conversion per op)
+_LOW48 = np.uint64((1 << 48) - 1)
+_IND48 = np.uint64(INDIRECT << 32 | 48)
+_SEVEN, _THREE, _ONE = np.uint64(7), np.uint64(3), np.uint64(1)
+_THIRTY_TWO, _U32, _WRITE = np.uint64(32), np.uint64(U32), np.uint64(WRITE)
+_LINK_BITS = np.array([0xFFFF0000 | NEXT | INDIRECT, 0xFFFF0000 | NEXT | INDIRECT,
+                       NEXT | INDIRECT], np.uint64)
+_EXPECT_TABLE = np.array([1 << 16 | NEXT, 2 << 16 | NEXT, 0], np.uint64)
 
 
 class SplitQueue(DeviceQueue):
     """The device's view of one split ring."""
 
     ring = "split"
+    batch3 = True
 
     def __init__(self, mem: GuestMemory, num: int, desc_addr: int, avail_addr: int,
                  used_addr: int, event_idx: bool, indirect: bool,
@@ -66,6 +77,7 @@ class SplitQueue(DeviceQueue):
         self.avail_event_at = R.used_h_avail_event(num)
         self.last_avail_idx = 0      # next avail entry the device will take
         self.avail_seen = 0          # avail->idx as last read
+        self.avail_seen_now = 0      # avail->idx as a batch path last read it
         self.last_used_idx = 0       # next used entry the device will fill (= used->idx)
         self.signalled_used = 0
         self.signalled_used_valid = False
@@ -84,6 +96,10 @@ class SplitQueue(DeviceQueue):
         self.desc_w_np = np.ndarray(2 * num - 1, np.uint64, buf, self.desc_off + 8)
         self.avail_np = np.ndarray(num, np.uint16, buf, avail_addr - mem.base + 4)
         self.used_u64 = np.ndarray(num, np.uint64, buf, used_addr - mem.base + 4)
+        self.ram_q_np = np.ndarray(mem.size >> 3, np.uint64, buf)   # indirect tables
+        self._base_u = np.uint64(mem.base)
+        self._table_last = np.uint64(max(mem.size - 48, 0))   # a table's last start
+        self._ram_last = np.uint64(max(mem.size - 1, 0))
         # The batch check below folds "len >= 1 and neither NEXT nor INDIRECT set" into
         # len - 1 < 2**32 - 1 and compares it with the RAM's last offset together with the
         # buffer's end: that needs RAM smaller than 4 GiB; above, the bits are checked apart.
@@ -104,20 +120,16 @@ class SplitQueue(DeviceQueue):
     def has_work(self) -> bool:
         return self.avail_h[R.AVAIL_H_IDX] != self.last_avail_idx
 
-    def pop_bufs(self, limit: int = 1 << 16) -> Bufs | None:
-        """Every available buffer (at most `limit`) that is one direct descriptor, as arrays,
-        validated with a dozen numpy operations per batch instead of Python per buffer.
-
-        Stops before the first entry that is anything else - a chain, an indirect table, or a
-        fault of any kind - and returns None if that entry is the first: pop_batch then takes
-        it (or raises the RingError that names the fault). The avail entries and descriptors
-        were published by the avail idx store read first (TSO keeps loads in order), so bulk
-        numpy reads of them are safe (DESIGN.md); each is read once, into private arrays."""
+    def _avail_heads(self, limit: int) -> np.ndarray | None:
+        """The heads of the available entries a batch path may take (at most `limit` and
+        the room the ring has), up to the first head >= num; None when the next entry is
+        already a fault, for pop_batch to name. Leaves avail->idx as read in
+        avail_seen_now; nothing is consumed."""
         last = self.last_avail_idx
-        avail = self.avail_h[1]
+        avail = self.avail_seen_now = self.avail_h[1]
         n = (avail - last) & 0xFFFF
         if n == 0:
-            return EMPTY_BUFS
+            return _NO_HEADS
         num = self.num
         room = num - self.inflight
         if n > num or room <= 0:
@@ -132,16 +144,30 @@ class SplitQueue(DeviceQueue):
         else:
             heads = np.concatenate((self.avail_np[s:], self.avail_np[:s + n - num])).astype(
                 np.intp)
-        h2 = heads + heads
-        try:
-            addr = self.desc_addr_np.take(h2)
-        except IndexError:
+        if heads.max() >= num:
             # a head >= num: take the ones before it; pop_batch names it
             n = int((heads >= num).argmax())
             if n == 0:
                 return None
-            heads, h2 = heads[:n], h2[:n]
-            addr = self.desc_addr_np.take(h2)
+            heads = heads[:n]
+        return heads
+
+    def pop_bufs(self, limit: int = 1 << 16) -> Bufs | None:
+        """Every available buffer (at most `limit`) that is one direct descriptor, as arrays,
+        validated with a dozen numpy operations per batch instead of Python per buffer.
+
+        Stops before the first entry that is anything else - a chain, an indirect table, or a
+        fault of any kind - and returns None if that entry is the first: pop_batch then takes
+        it (or raises the RingError that names the fault). The avail entries and descriptors
+        were published by the avail idx store read first (TSO keeps loads in order), so bulk
+        numpy reads of them are safe (DESIGN.md); each is read once, into private arrays."""
+        heads = self._avail_heads(limit)
+        if heads is None or not len(heads):
+            return EMPTY_BUFS if heads is not None else None
+        last, avail = self.last_avail_idx, self.avail_seen_now
+        n = len(heads)
+        h2 = heads + heads
+        addr = self.desc_addr_np.take(h2)
         w = self.desc_w_np.take(h2)             # len | flags << 32 | next << 48
         # (constants as arrays of the batch's length: a numpy scalar operand costs more)
         if n != self._consts_n:
@@ -179,6 +205,69 @@ class SplitQueue(DeviceQueue):
         self.n_popped += n
         self.n_bytes_read += rbytes
         return Bufs(heads, off, ln, writable)
+
+    def pop_chains3(self, limit: int = 1 << 16) -> Chains3 | None:
+        """Every available chain (at most `limit`) of exactly three segments - a three-entry
+        indirect table, or three ring descriptors in a row, the two shapes pop_batch reads
+        in one go - as arrays, validated with a few dozen numpy operations per batch: flags
+        and links, readable before writable, every segment non-empty and inside RAM, the
+        chain under 4 GiB. Stops before the first entry that is anything else (or faulty)
+        and returns None if that is the first, for pop_batch to take or name, as pop_bufs
+        does. The descriptors and tables were published by the avail idx store read first,
+        so bulk reads of them are safe (DESIGN.md); each is read once."""
+        heads = self._avail_heads(limit)
+        if heads is None or not len(heads):
+            return EMPTY_CHAINS3 if heads is not None else None
+        last, avail = self.last_avail_idx, self.avail_seen_now
+        h2 = heads + heads
+        w0 = self.desc_w_np.take(h2)
+        t = self.desc_addr_np.take(h2) - self._base_u
+        # Where the three entries are: a 48-byte table (INDIRECT alone, its next ignored),
+        # 8-aligned inside RAM - what a driver with INDIRECT_DESC builds - or the ring's
+        # descriptors head..head+2. What each entry's flags & (NEXT | INDIRECT) | next << 16
+        # must then be: NEXT to the following entry, NEXT, neither (the last's next unread).
+        table = (w0 & _LOW48) == _IND48
+        if self.indirect and table.all() and not ((t & _SEVEN) | (t > self._table_last)).any():
+            at = t >> _THREE
+            expect = _EXPECT_TABLE
+        else:
+            table &= (t <= self._table_last) & ((t & _SEVEN) == 0) & self.indirect
+            direct = ~table & (heads <= self.num - 3)
+            at = np.where(table, t >> _THREE, np.where(direct, (self.desc_off >> 3) + h2, 0))
+            first = np.where(table, 1, heads + 1).astype(np.uint64)
+            expect = np.empty((len(heads), 3), np.uint64)
+            expect[:, 0] = (first << 16) | NEXT
+            expect[:, 1] = ((first + 1) << 16) | NEXT
+            expect[:, 2] = 0
+            expect[~(table | direct)] = 1 << 63        # matches nothing
+        words = self.ram_q_np[at.astype(np.intp)[:, None] + _SIX]
+        w = words[:, 1::2]                  # len | flags << 32 | next << 48, per entry
+        hi = w >> _THIRTY_TWO
+        ln = w & _U32
+        off = words[:, ::2] - self._base_u
+        writable = (hi & _WRITE).astype(bool)
+        # non-empty and inside RAM: len - 1 wraps to huge when 0, off when below RAM, and
+        # off + len - 1 (the last byte) wraps below one of them: one compare of the largest
+        x = ln - _ONE
+        worst = _MAX(off + x, _MAX(off, x))
+        ok = ((hi & _LINK_BITS) == expect).all(1) & (worst <= self._ram_last).all(1) \
+            & (writable[:, :2] <= writable[:, 1:]).all(1)
+        if self.mem_size > MAX_CHAIN_BYTES // 3:
+            ok &= ln.sum(1) <= MAX_CHAIN_BYTES
+        n = len(heads)
+        if not ok.all():
+            n = int((~ok).argmax())
+            if n == 0:
+                return None
+            heads, off, ln, writable = heads[:n], off[:n], ln[:n], writable[:n]
+        off = off.astype(np.int64)
+        ln = ln.astype(np.int64)
+        self.last_avail_idx = (last + n) & 0xFFFF
+        self.avail_seen = avail
+        self.inflight += n
+        self.n_popped += n
+        self.n_bytes_read += int(ln[~writable].sum())
+        return Chains3(heads, off, ln, writable)
 
     def pop_batch(self, limit: int = 1 << 16) -> list[DescChain]:
         """Every available chain (at most `limit`), validated, in ring order.
@@ -558,3 +647,4 @@ class SplitQueue(DeviceQueue):
             v.release()
         # the numpy views hold exports of the mapping, which must go before it is closed
         self.desc_addr_np = self.desc_w_np = self.avail_np = self.used_u64 = None
+        self.ram_q_np = None
