@@ -18,7 +18,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from operator import attrgetter
 from typing import Any
+
+import numpy as np
 
 from vmsim.abi import blk as B
 from vmsim.abi import features as F
@@ -39,8 +42,14 @@ ENODEV = -errno.ENODEV
 STATUS_PENDING = 0xFF          # what sync() reports if a request never completed
 SLOT = 32                      # bytes per request slot: header at 0, status at 16
 STEP_ASIDE_NS = 20_000_000     # longest the completion loop waits for blocked submitters
+# Completions taken per turn of the completion loop. Smaller keeps both sides busy (the
+# next requests go out sooner); larger spreads a batch's fixed cost over more requests.
+COMPLETION_CHUNK = 64
 
 Callback = Callable[[int, Any], None]   # (status byte, the caller's argument)
+# submit_batch's completion: (status bytes, the callers' int arguments), a batch at a time
+BatchCallback = Callable[[np.ndarray, np.ndarray], None]
+_TAG = attrgetter("tag")
 
 
 class BlkRequest:
@@ -71,7 +80,9 @@ class BlkRequest:
 class BlkQueue:
     """struct virtio_blk_vq: a request queue, its lock and its free slots."""
 
-    __slots__ = ("dead", "free", "index", "lock", "slots", "slots_gpa", "vq", "waiting")
+    __slots__ = ("batch_addr", "batch_arg", "batch_cb", "batch_len", "dead", "free", "hdr_np",
+                 "index", "lock", "slot_gpa_np", "slots", "slots_gpa", "slots_np", "status_np",
+                 "vq", "waiting")
 
     def __init__(self, vq: Virtqueue) -> None:
         self.vq = vq
@@ -85,6 +96,45 @@ class BlkQueue:
         # One entry per submitter blocked on the lock (list append / pop are atomic under
         # the GIL): the completion loop steps aside while there is any (see _done).
         self.waiting: list[None] = []
+        # submit_batch's per-slot state, by tag (set up with the slots): headers as u64
+        # words, status bytes, the batch callback (None: the slot's own callback, or free),
+        # argument and data buffer of each request it queued
+        self.hdr_np = self.status_np = self.slot_gpa_np = self.slots_np = np.zeros(0)
+        self.batch_cb = self.batch_arg = self.batch_addr = self.batch_len = np.zeros(0)
+
+    def setup_batch(self, gpa: int, view: memoryview, depth: int) -> None:
+        self.hdr_np = np.ndarray((depth, SLOT // 8), np.uint64, view)
+        self.status_np = np.ndarray(depth, np.uint8, view, 16, (SLOT,))
+        self.slot_gpa_np = gpa + SLOT * np.arange(depth, dtype=np.int64)
+        self.slots_np = np.empty(depth, object)
+        self.slots_np[:] = self.slots
+        self.batch_cb = np.full(depth, None, object)
+        self.batch_arg = np.zeros(depth, np.int64)
+        self.batch_addr = np.zeros(depth, np.int64)
+        self.batch_len = np.zeros(depth, np.int64)
+
+    def take_back(self, req: "BlkRequest") -> tuple[int, int, Sequence[Sg], Callback, Any]:
+        """What a request not completed was (type, sector, data, callback, argument), to
+        send again or fail; its slot is free of it after."""
+        hdr = req.hdr
+        typ, sector = hdr[0] & 0xFFFFFFFF, hdr[1]
+        cb, arg, sgs = req.callback, req.arg, req.sgs
+        t = req.tag
+        bcb = self.batch_cb[t] if t < len(self.batch_cb) else None
+        if bcb is not None:
+            cb, arg = _one_of_batch(bcb), int(self.batch_arg[t])
+            sgs = ((int(self.batch_addr[t]), int(self.batch_len[t])),)
+            self.batch_cb[t] = None
+        req.callback = req.arg = None
+        req.sgs = ()
+        return typ, sector, sgs, cb, arg
+
+
+def _one_of_batch(done: BatchCallback) -> Callback:
+    """A batch callback as a one-request callback (a batch request sent again one by one)."""
+    def one(status: int, arg: Any) -> None:
+        done(np.array([status], np.uint8), np.array([arg], np.int64))
+    return one
 
 
 def _acquire_waiting(q: BlkQueue) -> None:
@@ -166,6 +216,7 @@ class VirtioBlk:
         for t in range(depth):
             q.slots.append(BlkRequest(t, q, gpa + t * SLOT, view[t * SLOT:(t + 1) * SLOT]))
         q.free = list(reversed(q.slots))
+        q.setup_batch(gpa, view, depth)
 
     @property
     def queue_depth(self) -> int:
@@ -233,71 +284,78 @@ class VirtioBlk:
             vq.notify()
         return 0
 
-    def submit_batch(self, typs: Sequence[int], sectors: Sequence[int],
-                     sgs_list: Sequence[Sequence[Sg]], callback: Callback,
-                     args: Sequence[Any], qid: int = 0) -> tuple[int, int]:
-        """Queue many requests under one lock and one kick decision (blk-mq's queue_rqs).
-        Returns (how many were queued, the error of the first that was not: 0, EAGAIN,
-        EROFS, EINVAL or EIO); those after it were not tried. The common shape - one data
-        buffer each - runs in one loop written out by hand (it runs once per request);
-        anything else goes through submit."""
+    def submit_batch(self, typs: np.ndarray, sectors: np.ndarray, addrs: np.ndarray,
+                     lens: np.ndarray, done: BatchCallback, args: np.ndarray,
+                     qid: int = 0) -> tuple[int, int]:
+        """Queue many reads and writes of one data buffer each, as arrays (type, sector,
+        buffer address and length, an int argument), under one lock and one kick decision
+        (blk-mq's queue_rqs); `done(statuses, args)` runs for each batch of completions
+        (interrupt thread). Returns (how many were queued, the error of the first that was
+        not: 0, EAGAIN, EROFS or EIO); those after it were not tried. Headers, tables and
+        ring entries are written for the batch with numpy operations (add_chains3)."""
         n = len(typs)
         q = self.queues[qid]
-        if (self.frozen or q.dead or any(len(x) != 1 for x in sgs_list)
-                or (self.readonly and B.VIRTIO_BLK_T_OUT in typs)):
+        if self.readonly and (typs == B.VIRTIO_BLK_T_OUT).any():
+            k = int((typs == B.VIRTIO_BLK_T_OUT).argmax())
+            done_k, err = (self.submit_batch(typs[:k], sectors[:k], addrs[:k], lens[:k], done,
+                                             args[:k], qid) if k else (0, 0))
+            return done_k, err or EROFS
+        if self.frozen or q.dead:
+            one = _one_of_batch(done)
             for i in range(n):
-                err = self.submit(typs[i], sectors[i], sgs_list[i], callback, args[i], qid)
+                err = self.submit(int(typs[i]), int(sectors[i]),
+                                  ((int(addrs[i]), int(lens[i])),), one, int(args[i]), qid)
                 if err:
                     return i, err
             return n, 0
         plugged = getattr(self._plug, "queues", None)
-        t_out = B.VIRTIO_BLK_T_OUT
-        done = 0
-        err = 0
         lock = q.lock
         if not lock.acquire(False):
             _acquire_waiting(q)
         try:
             free = q.free
+            k = min(n, len(free))
+            if not k:
+                return 0, EAGAIN
+            reqs = free[-k:]
+            del free[-k:]
+            tags = np.fromiter(map(_TAG, reqs), np.intp, k)
+            typs, sectors, addrs, lens, args = (typs[:k], sectors[:k], addrs[:k], lens[:k],
+                                                args[:k])
+            hdr = q.hdr_np
+            hdr[tags, 0] = typs                 # type, and ioprio 0 in the upper half
+            hdr[tags, 1] = sectors
+            q.batch_cb[tags] = done
+            q.batch_arg[tags] = args
+            q.batch_addr[tags] = addrs
+            q.batch_len[tags] = lens
+            gpas = q.slot_gpa_np[tags]
+            seg_addr = np.empty((k, 3), np.int64)
+            seg_addr[:, 0] = gpas
+            seg_addr[:, 1] = addrs
+            seg_addr[:, 2] = gpas + 16
+            seg_len = np.empty((k, 3), np.int64)
+            seg_len[:, 0] = B.OUTHDR_SIZE
+            seg_len[:, 1] = lens
+            seg_len[:, 2] = 1
+            n_out = np.where(typs == B.VIRTIO_BLK_T_OUT, 2, 1)
             vq = q.vq
-            add = vq.add_sgs
-            for i in range(n):
-                if not free:
-                    err = EAGAIN
-                    break
-                req = free.pop()
-                hdr = req.hdr
-                typ = typs[i]
-                hdr[0] = typ
-                hdr[1] = sectors[i]
-                sgs = sgs_list[i]
-                req.callback = callback
-                req.arg = args[i]
-                req.sgs = sgs
-                if typ == t_out:
-                    out = req.out1
-                    out[1] = sgs[0]
-                    e = add(out, req.status_only, req)
-                else:
-                    inn = req.in1
-                    inn[0] = sgs[0]
-                    e = add(req.hdr_only, inn, req)
-                if e:
-                    req.callback = req.arg = None
-                    free.append(req)
-                    err = EAGAIN if e == ENOSPC else e
-                    break
-                done += 1
+            added, e = vq.add_chains3(seg_addr, seg_len, n_out, q.slots_np[tags])
+            err = 0
+            if added < k:
+                q.batch_cb[tags[added:]] = None
+                free.extend(reqs[added:])
+                err = EAGAIN if e == ENOSPC else e
             if plugged is not None:
                 plugged.add(q)
                 kick = False
             else:
-                kick = bool(done) and vq.kick_prepare()
+                kick = bool(added) and vq.kick_prepare()
         finally:
             lock.release()
         if kick:
             vq.notify()
-        return done, err
+        return added, err or (EAGAIN if k < n else 0)
 
     def read(self, sector: int, sgs: Sequence[Sg], callback: Callback, arg: Any = None,
              qid: int = 0) -> int:
@@ -374,29 +432,35 @@ class VirtioBlk:
         poll_until = 0
         plug = self._plug
         plug.queues = kicks = set()
-        # At most a window's worth of completions per hold of the lock: while the device
-        # keeps using buffers (a slow DMA API, a fast device) draining "until empty" would
-        # never end, and a submitter blocked on the lock would wait forever.
-        budget = max(1, len(q.slots))
+        # At most a chunk of completions per hold of the lock: while the device keeps using
+        # buffers (a slow DMA API, a fast device) draining "until empty" would never end,
+        # and a submitter blocked on the lock would wait forever.
+        chunk = max(1, min(COMPLETION_CHUNK, len(q.slots)))
         waiting = q.waiting
         try:
             while True:
                 n = 0
                 with lock:
                     vq.disable_cb()
-                    # every used request at once (one read of used->idx, a batch detach)
-                    while n < budget:
-                        reqs, _ = get_bufs(budget - n)
-                        if not len(reqs):
-                            break
-                        for req in reqs:
-                            cb = req.callback
-                            arg = req.arg
-                            status = req.status[0]
-                            req.callback = req.arg = None
-                            free.append(req)
-                            cb(status, arg)
-                        n += len(reqs)
+                    # what is used, at most `chunk` (one read of used->idx, a batch
+                    # detach): the hooks then send the next requests at once, so the
+                    # device has work while this side completes the next chunk
+                    reqs, _ = get_bufs(chunk)
+                    n = k = len(reqs)
+                    if k:
+                        tags = np.fromiter(map(_TAG, reqs), np.intp, k)
+                        bcbs = q.batch_cb[tags]
+                        bcb = bcbs[0]
+                        if bcb is not None and (k == 1 or (bcbs == bcb).all()):
+                            # all from one submit_batch caller: one call for the lot
+                            statuses = q.status_np[tags]
+                            args = q.batch_arg[tags]
+                            q.batch_cb[tags] = None
+                            free.extend(reqs)
+                            bcb(statuses, args)
+                        else:
+                            for req in reqs:
+                                self._complete_one(q, req)
                     if n:
                         for hook in hooks:
                             hook()
@@ -422,6 +486,23 @@ class VirtioBlk:
             plug.queues = None
             for kq in kicks:
                 self._kick(kq)
+
+    @staticmethod
+    def _complete_one(q: BlkQueue, req: BlkRequest) -> None:
+        status = req.status[0]
+        t = req.tag
+        bcb = q.batch_cb[t]
+        if bcb is not None:
+            arg = q.batch_arg[t]
+            q.batch_cb[t] = None
+            q.free.append(req)
+            bcb(np.array([status], np.uint8), np.array([arg], np.int64))
+            return
+        cb = req.callback
+        arg = req.arg
+        req.callback = req.arg = None
+        q.free.append(req)
+        cb(status, arg)
 
     @staticmethod
     def _step_aside(q: BlkQueue) -> None:
@@ -459,13 +540,9 @@ class VirtioBlk:
             with q.lock:
                 q.dead = True
                 while (req := q.vq.detach_unused_buf()) is not None:
-                    hdr = req.hdr
                     with self._held_lock:
-                        self.held.append((hdr[0] & 0xFFFFFFFF, hdr[1], req.sgs, req.callback,
-                                          req.arg, q.index))
+                        self.held.append((*q.take_back(req), q.index))
                     self.retried += 1
-                    req.callback = req.arg = None
-                    req.sgs = ()
                     q.free.append(req)
         self._delete_queues()
 
@@ -500,10 +577,7 @@ class VirtioBlk:
             err = virtqueue_reset(q.vq, lambda _vq, req: back.append(req))
             retry = []
             for req in back:
-                hdr = req.hdr
-                retry.append((hdr[0] & 0xFFFFFFFF, hdr[1], req.sgs, req.callback, req.arg))
-                req.callback = req.arg = None
-                req.sgs = ()
+                retry.append(q.take_back(req))
                 q.free.append(req)
         for typ, sector, sgs, cb, arg in retry:
             while (e := self.submit(typ, sector, sgs, cb, arg, qid)) == EAGAIN:
@@ -526,8 +600,8 @@ class VirtioBlk:
         for q in self.queues:
             with q.lock:
                 while (req := q.vq.detach_unused_buf()) is not None:
-                    failed.append((req.callback, req.arg))
-                    req.callback = req.arg = None
+                    _typ, _sector, _sgs, cb, arg = q.take_back(req)
+                    failed.append((cb, arg))
                     q.free.append(req)
         for cb, arg in failed:
             if cb is not None:
@@ -546,6 +620,7 @@ class VirtioBlk:
                 for r in q.slots:
                     r.hdr.release()
                     r.status.release()
+                q.hdr_np = q.status_np = np.zeros(0)     # exports of the slots' memory
                 self.dma.free(q.slots_gpa)
         self.queues = []
 

@@ -45,6 +45,12 @@ NO_INTERRUPT = R.VRING_AVAIL_F_NO_INTERRUPT
 NO_NOTIFY = R.VRING_USED_F_NO_NOTIFY
 _WRITE_W = np.int64(WRITE << 32)        # WRITE in a descriptor's second u64 word
 _EMPTY: tuple[list[Any], list[int]] = ([], [])
+# add_chains3: an indirect table's flags << 32 | next << 48 per entry, by how many entries
+# the device reads (FLAGS3); the head descriptor's len | flags << 32 for a 3-entry table
+_LINKS3 = np.array([[f0 << 32 | 1 << 48, f1 << 32 | 2 << 48, f2 << 32]
+                    for f0, f1, f2 in FLAGS3], np.int64)
+_TABLE3_W = np.int64(3 * R.DESC_SIZE | INDIRECT << 32)
+_SIX = np.arange(6, dtype=np.intp)
 
 
 def _last_entry(out_sgs: Sequence[Sg], in_sgs: Sequence[Sg]) -> tuple[int, int, int]:
@@ -96,6 +102,11 @@ class SplitVirtqueue(Virtqueue):
         self._used_np = np.ndarray(num, np.uint64, ram.view(used_addr + 4, 8 * num))
         self.used_event_at = R.avail_h_used_event(num)
         self.avail_event_at = R.used_h_avail_event(num)
+        # add_chains3 writes indirect tables anywhere in RAM: u64 words of the whole of it,
+        # at guest-physical (gpa - base) / 8 (the batch path runs without the DMA API only)
+        mm = getattr(ram, "mm", None)      # (behind an IOMMU, addresses are not RAM's)
+        self._ram_q = None if mm is None else np.ndarray(len(mm) >> 3, np.int64, mm)
+        self._ram_base = getattr(ram, "base", 0)
         self._reset_state()
 
     def reinit(self) -> None:
@@ -139,6 +150,11 @@ class SplitVirtqueue(Virtqueue):
         self._inflight_heads: deque[int] = deque()   # submission order (in-order batches)
         self._batch: deque[tuple[Any, int]] = deque()
         self.desc_in_len = [0] * num                 # writable bytes of each chain
+        # the indirect table of each head (0: none yet), for add_chains3
+        self._table_gpa = np.zeros(num, np.int64)
+        for key, (gpa, _mv) in self._indirect_tables.items():
+            if key < num:
+                self._table_gpa[key] = gpa
         self._lat_np = np.zeros(num, np.int64)
         self.lat_t = memoryview(self._lat_np)        # add time of a sampled chain, by head
         self.num_free = num
@@ -306,7 +322,12 @@ class SplitVirtqueue(Virtqueue):
         # not turn into a 2-D array)
         self.desc_data[heads] = tokens if isinstance(tokens, np.ndarray) else np.fromiter(
             tokens, object, n)
-        # The descriptors are written; now the avail entries, then the index.
+        self._publish(heads, n)
+        self.n_descs += n
+        return 0
+
+    def _publish(self, heads: Any, n: int) -> None:
+        """The batch's descriptors are written: now its avail entries, then the index."""
         shadow = self.avail_idx_shadow
         num = self.num
         s = shadow & self.mask
@@ -318,7 +339,6 @@ class SplitVirtqueue(Virtqueue):
             av[s:] = heads[:k]
             av[:n - k] = heads[k:]
         self.num_free -= n
-        self.n_descs += n
         old = self.n_added
         self.n_added = old + n
         lat_mask = self.lat_mask
@@ -332,7 +352,51 @@ class SplitVirtqueue(Virtqueue):
         self.num_added += n
         if self.num_added >= R.IDX_MASK:
             self.kick()
-        return 0
+
+    def _table_placed(self, key: int, gpa: int) -> None:
+        if key < len(self._table_gpa):
+            self._table_gpa[key] = gpa
+
+    def add_chains3(self, addrs: Any, lens: Any, n_out: Any,
+                    tokens: Sequence[Any]) -> tuple[int, int]:
+        """Many three-segment chains (see Virtqueue.add_chains3), each into the indirect
+        table of its head with a few numpy operations for the batch, and one avail idx
+        store: the tables are written, then the heads, then the avail entries, then the
+        index (DESIGN.md). Without INDIRECT_DESC, in order, or with the DMA API: one by
+        one."""
+        n = len(tokens)
+        if (not self.indirect or self.in_order or "add_sgs" in self.__dict__ or n == 0
+                or self.broken or self.num_free < n or self._ram_q is None):
+            return Virtqueue.add_chains3(self, addrs, lens, n_out, tokens)
+        top = self._top
+        if top < n:
+            self._take_free_list()
+            top = self._top
+        heads = self._stack[top - n:top]
+        tables = self._table_gpa[heads]
+        if not tables.all():
+            for h in heads[tables == 0].tolist():
+                if self._indirect_table(h) is None:      # guest memory short: one by one
+                    return Virtqueue.add_chains3(self, addrs, lens, n_out, tokens)
+            tables = self._table_gpa[heads]
+        top -= n
+        self._top = top
+        if not top:
+            self._run = None
+        # the tables: (addr, len | flags << 32 | next << 48) x 3 per head
+        words = np.empty((n, 6), np.int64)
+        words[:, 0::2] = addrs
+        words[:, 1::2] = lens
+        words[:, 1::2] |= _LINKS3[n_out]
+        self._ram_q[((tables - self._ram_base) >> 3)[:, None] + _SIX] = words
+        self._desc_addr[heads] = tables
+        self._desc_w[heads] = _TABLE3_W
+        self.desc_data[heads] = tokens if isinstance(tokens, np.ndarray) else np.fromiter(
+            tokens, object, n)
+        self._publish(heads, n)
+        self.n_indirect += n
+        self.n_descs += 4 * n
+        return n, 0
 
     def _link_run(self) -> None:
         """Put the stack back into the linked free list, in front (for the one-buffer
@@ -650,7 +714,7 @@ class SplitVirtqueue(Virtqueue):
         self._free_indirect_tables()
         # the numpy views hold exports of the ring's views (and so of the mapping): first
         self._desc_np = self._desc_addr = self._desc_w = None
-        self._avail_np = self._used_np = None
+        self._avail_np = self._used_np = self._ram_q = None
         for v in (self.desc_q, self.desc_i, self.desc_mv, self.avail_h, self.used_h,
                   self.used_i):
             v.release()

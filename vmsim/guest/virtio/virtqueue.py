@@ -112,6 +112,29 @@ class Virtqueue:
                 return err
         return 0
 
+    def add_chains3(self, addrs: Any, lens: Any, n_out: Any,
+                    tokens: Sequence[Any]) -> tuple[int, int]:
+        """Add many three-segment chains at once (a batch of block requests: header, data,
+        status): chain i is the segments (addrs[i, j], lens[i, j]), j = 0..2, of which the
+        first n_out[i] (an int: the same for all) are device-readable and the rest
+        device-writable, with token tokens[i]. Returns (chains added, 0 or the error of the
+        first that was not: -ENOSPC, -EIO); those after it were not tried. The split ring
+        writes a batch into indirect tables with a few numpy operations and publishes it
+        with one index store; this generic form calls add_sgs for each."""
+        al = addrs.tolist() if hasattr(addrs, "tolist") else addrs
+        ll = lens.tolist() if hasattr(lens, "tolist") else lens
+        n = len(tokens)
+        outs = [n_out] * n if isinstance(n_out, int) else (
+            n_out.tolist() if hasattr(n_out, "tolist") else n_out)
+        add = self.add_sgs
+        for i in range(n):
+            segs = list(zip(al[i], ll[i], strict=True))
+            k = outs[i]
+            err = add(segs[:k], segs[k:], tokens[i])
+            if err:
+                return i, err
+        return n, 0
+
     def get_bufs(self, limit: int = 1 << 16) -> tuple[Sequence[Any], Sequence[int]]:
         """Every used buffer (at most `limit`) at once: (tokens, bytes written), two
         sequences (lists, or numpy arrays: test them with len()) in the order the device
@@ -355,7 +378,12 @@ class Virtqueue:
             except MemoryError:
                 return None
             self._indirect_tables[key] = table
+            self._table_placed(key, table[0])
         return table
+
+    def _table_placed(self, key: int, gpa: int) -> None:
+        """A new indirect table for `key` (the split ring keeps their addresses in an
+        array for its batch path)."""
 
     def _free_indirect_tables(self) -> None:
         for gpa, mv in self._indirect_tables.values():

@@ -4,6 +4,8 @@ device answers them, without verification: the throughput workload `vmsim bench`
 import random
 from typing import Any
 
+import numpy as np
+
 from vmsim.abi import blk as B
 from vmsim.guest.drivers.blk import EAGAIN, VirtioBlk
 from vmsim.guest.memory import DmaMemory
@@ -54,16 +56,23 @@ class BlkBench(WindowWorkload):
         self.submit = self.blk.submit
         self.done_cb = self._done      # one bound method, not one per request
         self.bufs: list[tuple[tuple[int, int],]] = []
-        # Slots whose request completed in the current batch of completions: issued again
-        # together by _flush (the driver's completion hook), one submit_batch for them all.
-        self.ready: list[int] = []
+        # The tables as arrays for submit_batch, and each slot's buffer address.
+        self.ops_np = np.array(self.ops_table, np.uint64)
+        self.sectors_np = np.array(self.sectors, np.uint64)
+        self.buf_addr = np.zeros(self.window, np.int64)
+        self.buf_len = np.full(self.window, self.bs, np.int64)
+        # Slots whose request completed in the current batch of completions (arrays):
+        # issued again together by _flush (the driver's completion hook), one submit_batch.
+        self.ready: list[np.ndarray] = []
         self.submit_batch = self.blk.submit_batch
+        self.batch_done = self._batch_done
 
     def start(self) -> None:
         super().start()
         for _ in range(self.window):
             gpa, view = self.dma.alloc(self.bs, 4096, zero=False)
             view.release()
+            self.buf_addr[len(self.bufs)] = gpa
             self.bufs.append(((gpa, self.bs),))
         self.blk.completion_hooks.append(self._flush)
         self.fill_window(self.blk, self.window)
@@ -86,10 +95,15 @@ class BlkBench(WindowWorkload):
             self._slot_idle()
 
     def _done(self, status: int, slot: int) -> None:
-        self.ops += 1
-        if status != B.VIRTIO_BLK_S_OK:
-            self.error(f"request failed with status {status}")
-        self.ready.append(slot)
+        """A request of the first window (submitted one by one) completed."""
+        self._batch_done(np.array([status], np.uint8), np.array([slot], np.int64))
+
+    def _batch_done(self, statuses: np.ndarray, slots: np.ndarray) -> None:
+        self.ops += len(slots)
+        if statuses.any():
+            for st in statuses[statuses != B.VIRTIO_BLK_S_OK].tolist():
+                self.error(f"request failed with status {st}")
+        self.ready.append(slots)
 
     def _flush(self) -> None:
         """After a batch of completions: issue the next request on every slot that finished,
@@ -97,30 +111,33 @@ class BlkBench(WindowWorkload):
         ready = self.ready
         if not ready:
             return
-        slots = self.deferred + ready
-        self.deferred = []
+        parts = ready
+        if self.deferred:
+            parts = [np.array(self.deferred, np.int64), *ready]
+            self.deferred = []
+        slots = parts[0] if len(parts) == 1 else np.concatenate(parts)
         self.ready = []
         if self.stopping or self.budget <= 0:
-            for _ in slots:
+            for _ in range(len(slots)):
                 self._slot_idle()
             return
         n = min(len(slots), self.budget)
         k = self.cursor
-        ks = [(k + i) & TABLE_MASK for i in range(n)]
-        ops, sectors, bufs = self.ops_table, self.sectors, self.bufs
-        done, err = self.submit_batch([ops[j] for j in ks], [sectors[j] for j in ks],
-                                      [bufs[s] for s in slots[:n]], self.done_cb, slots[:n])
+        ks = (k + np.arange(n)) & TABLE_MASK
+        go = slots[:n]
+        done, err = self.submit_batch(self.ops_np[ks], self.sectors_np[ks], self.buf_addr[go],
+                                      self.buf_len[go], self.batch_done, go)
         self.cursor = (k + done) & TABLE_MASK
         self.budget -= done
         rest = slots[done:]
-        if not rest:
+        if not len(rest):
             return
         if err == EAGAIN:
-            self.deferred.extend(rest)      # the ring is full: the next completion retries
+            self.deferred.extend(rest.tolist())    # the ring is full: the next completion
             return
         if err:
             self.error(f"submit failed: errno {-err}")
-        for _ in rest:                      # failed, or the budget ran out
+        for _ in range(len(rest)):          # failed, or the budget ran out
             self._slot_idle()
 
     def publish_stats(self) -> None:
