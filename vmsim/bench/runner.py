@@ -3,8 +3,9 @@
     raw-*          the raw virtqueue (vmsim.bench.raw), split and packed, scalar and batched
                    paths, against Pipe + msgpack request/response pairs (pipe-raw)
     blk-*-4k       4 KiB random reads / writes through a whole vmsim run (guest driver and
-                   workload, MMIO transport, host device, RAM disk) against the same requests
-                   over Pipe + msgpack (pipe-read-4k / pipe-write-4k)
+                   workload, MMIO transport, host device, RAM disk) at the queue's depth
+                   (256 in flight), against the same requests over Pipe + msgpack at the
+                   same depth (pipe-read-4k / pipe-write-4k); -qd64: both at 64 in flight
     blk-seqread-64k  64 KiB sequential reads of an image file in the page cache, against this
                    machine's memcpy bandwidth measured in the same round (vmsim.bench.memcpy)
 
@@ -74,9 +75,13 @@ class Case:
 RAW = [Case(f"raw-{ring}-{mode}", "raw", "pipe-raw", ring=ring, batched=mode == "batched",
             target=20.0 if mode == "batched" else 10.0)
        for ring in ("split", "packed") for mode in ("scalar", "batched")]
+# 4 KiB requests at the disk's whole queue depth (virtio_blk's default: one request per
+# ring entry, 256 here) and at 64 in flight, each against Pipe + msgpack at the same depth.
 CASES = [
-    Case("blk-read-4k", "read", "pipe-read-4k", target=5.0),
-    Case("blk-write-4k", "write", "pipe-write-4k", target=5.0),
+    Case("blk-read-4k", "read", "pipe-read-4k", in_flight=256, target=5.0),
+    Case("blk-write-4k", "write", "pipe-write-4k", in_flight=256, target=5.0),
+    Case("blk-read-4k-qd64", "read", "pipe-read-4k-qd64"),
+    Case("blk-write-4k-qd64", "write", "pipe-write-4k-qd64"),
     Case("blk-seqread-64k", "read", "memcpy", block=65536, in_flight=16, seq_file=True,
          target=0.5),
 ]
@@ -87,8 +92,9 @@ MATRIX = [
          offer=("IN_ORDER",) if io else ())
     for ring in ("split", "packed") for io in (False, True) for ev in (True, False)
 ] + [Case("blk-read-4k-no-indirect", "read", "pipe-read-4k", withhold=("INDIRECT_DESC",))]
-BASELINES = {"pipe-raw": "raw", "pipe-read-4k": "read", "pipe-write-4k": "write",
-             "memcpy": "memcpy"}
+BASELINES = {"pipe-raw": ("raw", 64), "pipe-read-4k": ("read", 256),
+             "pipe-write-4k": ("write", 256), "pipe-read-4k-qd64": ("read", 64),
+             "pipe-write-4k-qd64": ("write", 64), "memcpy": ("memcpy", 0)}
 
 
 def _seq_image(path: str) -> None:
@@ -128,12 +134,12 @@ def run_vmsim_case(case: Case, seconds: float, image: str | None = None) -> dict
 
 
 def _baseline(bname: str, seconds: float) -> float:
-    op = BASELINES[bname]
+    op, in_flight = BASELINES[bname]
     if op == "raw":
         return run_pipe_raw(seconds)
     if op == "memcpy":
         return memcpy_mb_s()
-    return run_pipe_blk(op, seconds)
+    return run_pipe_blk(op, seconds, in_flight=in_flight)
 
 
 def run_bench(seconds: float, json_path: str | None, rounds: int = 1,
