@@ -23,6 +23,7 @@ from vmsim.abi import blk as B
 from vmsim.abi import features as F
 from vmsim.guest.memory import DmaMemory, GuestRAM
 from vmsim.guest.virtio.vring import vring_create_virtqueue
+from vmsim.host.devices.blk import request as request_mod
 from vmsim.host.devices.blk.backend import MemoryBackend
 from vmsim.host.devices.blk.faults import FaultyBackend
 from vmsim.host.devices.blk.metrics import BlkMetrics
@@ -205,10 +206,21 @@ def _handler(readonly: bool, faulty: bool) -> tuple:
     return mm, mem, disk, h
 
 
+class Pushes:
+    """What execute_batch hands back to its ring, part by part (push_used's arguments)."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[list[int], list[int]]] = []
+
+    def push_used(self, heads: np.ndarray, written: np.ndarray) -> None:
+        self.parts.append((heads.tolist(), written.tolist()))
+
+
 @SETTINGS
 @given(reqs=st.lists(request(), min_size=1, max_size=12), readonly=st.booleans(),
-       faulty=st.booleans())
-def test_execute_batch_answers_as_execute(reqs, readonly, faulty):
+       faulty=st.booleans(), part_bytes=st.sampled_from([None, 512, 4096, 10000]))
+def test_execute_batch_answers_as_execute(reqs, readonly, faulty, part_bytes):
+    """(part_bytes: the batch goes back to a ring in parts of that much data.)"""
     rigs = [_handler(readonly, faulty) for _ in range(2)]
     try:
         n = len(reqs)
@@ -228,7 +240,19 @@ def test_execute_batch_answers_as_execute(reqs, readonly, faulty):
         results = []
         for batched, (mm, _mem, disk, h) in enumerate(rigs):
             try:
-                if batched:
+                if batched and part_bytes:
+                    pushes = Pushes()
+                    keep = request_mod.BYTES_PER_PUSH
+                    request_mod.BYTES_PER_PUSH = part_bytes
+                    try:
+                        written = h.execute_batch(Chains3(heads, off, ln, wr),
+                                                  pushes).tolist()
+                    finally:
+                        request_mod.BYTES_PER_PUSH = keep
+                    # every request handed back once, in order, with its used length
+                    assert [h for p in pushes.parts for h in p[0]] == heads.tolist()
+                    assert [w for p in pushes.parts for w in p[1]] == written
+                elif batched:
                     written = h.execute_batch(Chains3(heads, off, ln, wr)).tolist()
                 else:
                     written = []

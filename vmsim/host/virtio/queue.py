@@ -84,6 +84,10 @@ class DeviceQueue:
     def pop_batch(self, limit: int = 1 << 16) -> list[DescChain]:
         raise NotImplementedError
 
+    def available(self) -> int:
+        """How many entries the driver has made available that the device has not taken."""
+        raise NotImplementedError
+
     def pop_chains3(self, limit: int = 1 << 16) -> Chains3 | None:
         """Every available chain (at most `limit`) of exactly three segments, as arrays;
         None when the next entry is anything else (or this format or memory has no batch

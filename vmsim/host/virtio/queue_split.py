@@ -120,6 +120,9 @@ class SplitQueue(DeviceQueue):
     def has_work(self) -> bool:
         return self.avail_h[R.AVAIL_H_IDX] != self.last_avail_idx
 
+    def available(self) -> int:
+        return (self.avail_h[R.AVAIL_H_IDX] - self.last_avail_idx) & R.IDX_MASK
+
     def _avail_heads(self, limit: int) -> np.ndarray | None:
         """The heads of the available entries a batch path may take (at most `limit` and
         the room the ring has), up to the first head >= num; None when the next entry is
