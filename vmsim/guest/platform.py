@@ -12,6 +12,7 @@ import contextlib
 import logging
 import select
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 
 from vmsim.machine.eventfd import EventFd
@@ -167,6 +168,9 @@ class IrqController:
         # Held while a handler or poll hook runs: synchronize_irq waits on it (reentrant, so
         # a handler that frees an irq does not wait for itself).
         self._running = threading.RLock()
+        # Work a handler left for later (schedule): run after the interrupts of each pass.
+        self._deferred: deque[Callable[[], None]] = deque()
+        self.deferred_runs = 0
 
     def add_line(self, irq: object, efd: EventFd) -> None:
         line = IrqLine(irq, efd)
@@ -185,6 +189,12 @@ class IrqController:
         line.name = name
         line.poll_hook = poll_hook
         line.handler = handler
+
+    def schedule(self, work: Callable[[], None]) -> None:
+        """Run `work` on this thread after the interrupts now pending (NAPI's napi_schedule):
+        a handler with more to do than its budget returns and continues there, so that one
+        busy device does not keep the others' interrupts waiting. Called from a handler."""
+        self._deferred.append(work)
 
     def free_irq(self, irq: object) -> None:
         """Remove a line's handler; as Linux's, returns only once no handler runs any more."""
@@ -219,9 +229,10 @@ class IrqController:
 
     def _run(self) -> None:
         try:
+            deferred = self._deferred
             while not self._stop:
-                events = self._ep.poll(IRQ_SAFETY_TIMEOUT_MS / 1000)
-                if not events:
+                events = self._ep.poll(0 if deferred else IRQ_SAFETY_TIMEOUT_MS / 1000)
+                if not events and not deferred:
                     self.safety_wakeups += 1
                     with self._running:
                         for line in list(self._lines.values()):
@@ -242,6 +253,11 @@ class IrqController:
                             self.handled += 1
                         else:
                             self.unhandled += 1
+                    # what handlers left for later, once each (what they schedule again
+                    # waits for the next pass, after the interrupts that came meanwhile)
+                    for _ in range(len(deferred)):
+                        deferred.popleft()()
+                        self.deferred_runs += 1
         except ChannelClosed as e:   # the host went away mid-exit; the main thread reports it
             self.error = e
         except BaseException as e:  # a guest bug: the main thread reports it

@@ -45,6 +45,8 @@ STEP_ASIDE_NS = 20_000_000     # longest the completion loop waits for blocked s
 # Completions taken per turn of the completion loop. Smaller keeps both sides busy (the
 # next requests go out sooner); larger spreads a batch's fixed cost over more requests.
 COMPLETION_CHUNK = 64
+# Longest one run of the completion loop keeps the interrupt thread from other devices
+SLICE_NS = 2_000_000
 
 Callback = Callable[[int, Any], None]   # (status byte, the caller's argument)
 # submit_batch's completion: (status bytes, the callers' int arguments), a batch at a time
@@ -175,6 +177,8 @@ class VirtioBlk:
         # queues after completing requests): a submitter that batches its next requests
         # (submit_batch) does so here, with one kick decision for the lot.
         self.completion_hooks: list[Callable[[], None]] = []
+        # The interrupt thread's controller (the transport's): _done leaves work there
+        self.irqc = getattr(vdev.config, "irqc", None)
 
     # ---- setup (virtblk_probe) -------------------------------------------------------------------
     def init(self) -> int:
@@ -417,7 +421,7 @@ class VirtioBlk:
         return result[0]
 
     # ---- completion (virtblk_done) ---------------------------------------------------------------
-    def _done(self, vq: Virtqueue) -> None:
+    def _done(self, vq: Virtqueue, resumed: bool = False) -> None:
         """virtblk_done: disable callbacks, complete what was used, re-enable, re-check.
 
         Completions run under the queue's (re-entrant) lock, as in Linux; a completion
@@ -429,7 +433,8 @@ class VirtioBlk:
         get_bufs = vq.get_bufs
         hooks = self.completion_hooks
         poll_ns = self.poll_ns
-        poll_until = 0
+        # resumed after its time slice: still within its poll window (the device is busy)
+        poll_until = time.monotonic_ns() + poll_ns if resumed and poll_ns else 0
         plug = self._plug
         plug.queues = kicks = set()
         # At most a chunk of completions per hold of the lock: while the device keeps using
@@ -437,6 +442,8 @@ class VirtioBlk:
         # and a submitter blocked on the lock would wait forever.
         chunk = max(1, min(COMPLETION_CHUNK, len(q.slots)))
         waiting = q.waiting
+        irqc = self.irqc
+        slice_end = time.monotonic_ns() + SLICE_NS
         try:
             while True:
                 n = 0
@@ -471,8 +478,15 @@ class VirtioBlk:
                         kicks.clear()
                     if waiting:
                         self._step_aside(q)
+                    now = time.monotonic_ns()
+                    if now >= slice_end and irqc is not None:
+                        # Its time slice is up: the rest waits for the interrupts of other
+                        # devices on this thread (NAPI's budget; callbacks stay off, as
+                        # they do while NAPI is scheduled).
+                        irqc.schedule(lambda: self._resume(q, vq))
+                        return
                     if poll_ns:
-                        poll_until = time.monotonic_ns() + poll_ns
+                        poll_until = now + poll_ns
                     continue
                 if poll_until and time.monotonic_ns() < poll_until and not vq.broken:
                     # yield at each turn of the poll: on a busy machine the host may be
@@ -486,6 +500,12 @@ class VirtioBlk:
             plug.queues = None
             for kq in kicks:
                 self._kick(kq)
+
+    def _resume(self, q: BlkQueue, vq: Virtqueue) -> None:
+        """The completion loop again, after other devices' interrupts (see _done), unless
+        the queue went away meanwhile (a reset, a suspend, removal)."""
+        if q.vq is vq and not q.dead and any(x is q for x in self.queues):
+            self._done(vq, resumed=True)
 
     @staticmethod
     def _complete_one(q: BlkQueue, req: BlkRequest) -> None:

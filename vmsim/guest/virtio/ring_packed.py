@@ -405,7 +405,7 @@ class PackedVirtqueue(Virtqueue):
                 lens = np.concatenate((lens, ln))
             else:
                 toks, lens = got, ln
-        if self.event_flags_shadow == DESC_EVENT and toks:
+        if self.event_flags_shadow == DESC_EVENT and len(toks):
             self.drv_ev[0] = self.last_used_idx
         return toks, lens if lens is not None else []
 

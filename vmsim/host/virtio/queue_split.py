@@ -125,9 +125,10 @@ class SplitQueue(DeviceQueue):
 
     def _avail_heads(self, limit: int) -> np.ndarray | None:
         """The heads of the available entries a batch path may take (at most `limit` and
-        the room the ring has), up to the first head >= num; None when the next entry is
-        already a fault, for pop_batch to name. Leaves avail->idx as read in
-        avail_seen_now; nothing is consumed."""
+        the room the ring has); None when the next entry is already a fault, for pop_batch
+        to name. Heads >= num are the caller's to cut (_heads_in_range), when a take of
+        their descriptors fails. Leaves avail->idx as read in avail_seen_now; nothing is
+        consumed."""
         last = self.last_avail_idx
         avail = self.avail_seen_now = self.avail_h[1]
         n = (avail - last) & 0xFFFF
@@ -147,13 +148,13 @@ class SplitQueue(DeviceQueue):
         else:
             heads = np.concatenate((self.avail_np[s:], self.avail_np[:s + n - num])).astype(
                 np.intp)
-        if heads.max() >= num:
-            # a head >= num: take the ones before it; pop_batch names it
-            n = int((heads >= num).argmax())
-            if n == 0:
-                return None
-            heads = heads[:n]
         return heads
+
+    def _heads_in_range(self, heads: np.ndarray) -> np.ndarray | None:
+        """The heads before the first >= num (a take of its descriptor failed); None when
+        that is the first, for pop_batch to name."""
+        n = int((heads >= self.num).argmax())
+        return heads[:n] if n else None
 
     def pop_bufs(self, limit: int = 1 << 16) -> Bufs | None:
         """Every available buffer (at most `limit`) that is one direct descriptor, as arrays,
@@ -168,9 +169,16 @@ class SplitQueue(DeviceQueue):
         if heads is None or not len(heads):
             return EMPTY_BUFS if heads is not None else None
         last, avail = self.last_avail_idx, self.avail_seen_now
-        n = len(heads)
         h2 = heads + heads
-        addr = self.desc_addr_np.take(h2)
+        try:
+            addr = self.desc_addr_np.take(h2)
+        except IndexError:
+            heads = self._heads_in_range(heads)
+            if heads is None:
+                return None
+            h2 = heads + heads
+            addr = self.desc_addr_np.take(h2)
+        n = len(heads)
         w = self.desc_w_np.take(h2)             # len | flags << 32 | next << 48
         # (constants as arrays of the batch's length: a numpy scalar operand costs more)
         if n != self._consts_n:
@@ -223,7 +231,14 @@ class SplitQueue(DeviceQueue):
             return EMPTY_CHAINS3 if heads is not None else None
         last, avail = self.last_avail_idx, self.avail_seen_now
         h2 = heads + heads
-        w0 = self.desc_w_np.take(h2)
+        try:
+            w0 = self.desc_w_np.take(h2)
+        except IndexError:
+            heads = self._heads_in_range(heads)
+            if heads is None:
+                return None
+            h2 = heads + heads
+            w0 = self.desc_w_np.take(h2)
         t = self.desc_addr_np.take(h2) - self._base_u
         # Where the three entries are: a 48-byte table (INDIRECT alone, its next ignored),
         # 8-aligned inside RAM - what a driver with INDIRECT_DESC builds - or the ring's
