@@ -150,7 +150,7 @@ def run_raw(ring: str, seconds: float, in_flight: int = 64, num: int = 256,
             # second, so the two processes overlap instead of taking turns (measured
             # 3.35-3.5 -> 3.62-3.69 M buffers/s; a quarter is worse, per-batch costs then
             # dominate; the packed ring showed no gain).
-            budget = max(1, in_flight // 2)
+            budget = max(1, in_flight // 2) if ring == "split" else 1 << 16
             fromiter, u64, ndarray = np.fromiter, np.uint64, np.ndarray
             add_bufs(buf_np, 64, bufs, True)
         else:
