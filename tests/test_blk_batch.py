@@ -32,6 +32,7 @@ from vmsim.host.memory import GuestMemory
 from vmsim.host.virtio.chain import DescChain
 from vmsim.host.virtio.errors import RingError
 from vmsim.host.virtio.queue import Chains3
+from vmsim.host.virtio.queue_packed import PackedQueue
 from vmsim.host.virtio.queue_split import SplitQueue
 
 BASE = 0x4000_0000
@@ -170,6 +171,64 @@ def test_pop_chains3_takes_what_pop_batch_takes(layout, indirect, limits):
         mm.close()
 
 
+F_AVAIL = 1 << 7                            # a packed descriptor's AVAIL bit (lap 1)
+
+
+@st.composite
+def packed_layout(draw):
+    """A packed ring in its first lap: heads naming three-entry tables (usually), anything
+    else among them, and where the available run ends."""
+    ring = []
+    ids = draw(st.permutations(list(range(NUM))))
+    for i in range(NUM):
+        if draw(st.integers(0, 9)):          # a table, mostly well formed
+            ln = draw(st.sampled_from([48] * 20 + [32, 64, 0]))
+            flags = draw(st.sampled_from([INDIRECT] * 20 + [INDIRECT | NEXT, INDIRECT | WRITE,
+                                                            NEXT, 0]))
+            addr = draw(st.sampled_from(TABLES[:2] * 10 + [TABLES[2], END - 32, BASE - 64]))
+        else:
+            addr, ln, flags, _ = draw(desc(False))
+        bid = ids[i] if draw(st.integers(0, 4)) else draw(st.sampled_from(
+            [NUM, NUM + 1, 0xFFFF, ids[0]]))       # out of range, or a duplicate
+        ring.append([addr, ln, bid, flags | F_AVAIL])
+    for i in draw(st.lists(st.integers(0, NUM - 1), max_size=2)):
+        ring[i][3] &= ~F_AVAIL                # not available: the run ends there
+    tables = []
+    for _ in TABLES:
+        entries = draw(chain3(1))
+        if draw(st.integers(0, 4)) == 0:
+            entries[draw(st.integers(0, 2))][2] |= INDIRECT    # nested
+        tables.append(entries)
+    return ring, tables
+
+
+@SETTINGS
+@given(layout=packed_layout(), indirect=st.booleans(),
+       limits=st.lists(st.integers(1, NUM), min_size=1, max_size=4))
+def test_packed_pop_chains3_takes_what_pop_batch_takes(layout, indirect, limits):
+    ring, tables = layout
+    mm = mmap.mmap(-1, RAM)
+    mem = GuestMemory(mm, BASE)
+    try:
+        for i, (a, ln, bid, fl) in enumerate(ring):
+            struct.pack_into("<QIHH", mm, DESC - BASE + 16 * i, a & (2**64 - 1),
+                             ln & 0xFFFFFFFF, bid, fl)
+        for at, entries in zip(TABLES, tables, strict=True):
+            for j, (a, ln, fl, _nx) in enumerate(entries):    # (addr, len, id, flags)
+                struct.pack_into("<QIHH", mm, at - BASE + 16 * j, a & (2**64 - 1),
+                                 ln & 0xFFFFFFFF, 0, fl)
+        got = {}
+        for batched in (False, True):
+            q = PackedQueue(mem, NUM, DESC, AVAIL, USED, False, indirect)
+            got[batched] = (_take_all(q, batched, limits), q.last_avail_idx, q.inflight,
+                            q.n_popped, q.n_bytes_read, bytes(q.in_flight_ids))
+            q.release()
+        assert got[True] == got[False]
+    finally:
+        mem.release()
+        mm.close()
+
+
 # ---- execute_batch against execute ---------------------------------------------------------------
 
 DISK = 64 << 10
@@ -280,8 +339,9 @@ def test_execute_batch_answers_as_execute(reqs, readonly, faulty, part_bytes):
 # ---- add_chains3 against add_sgs ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("indirect", [True, False])
-def test_add_chains3_makes_the_chains_add_sgs_would(indirect):
+def test_add_chains3_makes_the_chains_add_sgs_would(indirect, packed):
     """Batches of block-request-shaped chains, reads and writes mixed, across many laps of
     the 16-bit index: the device takes each chain as it was meant, in order, and the
     driver gets each token back once."""
@@ -291,10 +351,13 @@ def test_add_chains3_makes_the_chains_add_sgs_would(indirect):
     feats = F.bit(F.VIRTIO_F_VERSION_1) | F.bit(F.VIRTIO_RING_F_EVENT_IDX)
     if indirect:
         feats |= F.bit(F.VIRTIO_RING_F_INDIRECT_DESC)
+    if packed:
+        feats |= F.bit(F.VIRTIO_F_RING_PACKED)
     vq = vring_create_virtqueue(0, 64, 4096, dma, feats, lambda _vq: True, lambda _vq: None,
                                 "chains3")
     mem = GuestMemory(mm, BASE)
-    dev = SplitQueue(mem, 64, vq.desc_addr, vq.avail_addr, vq.used_addr, True, indirect)
+    dev = (PackedQueue if packed else SplitQueue)(mem, 64, vq.desc_addr, vq.avail_addr,
+                                                  vq.used_addr, True, indirect)
     rng = np.random.default_rng(5)
     pool = np.array([dma.alloc(4096 + 32, 64)[0] for _ in range(64)], np.int64)
     token = 0

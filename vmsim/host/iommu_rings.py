@@ -214,6 +214,12 @@ class TranslatedPackedQueue(PackedQueue):
     def _fast(self, pos: int) -> None:
         return None
 
+    batch3 = False
+
+    def pop_chains3(self, limit: int = 1 << 16) -> None:
+        """The batch path reads descriptors as guest-physical: never here."""
+        return None
+
     def pop_bufs(self, limit: int = 1 << 16) -> None:
         return None
 

@@ -53,6 +53,9 @@ DISABLE = P.VRING_PACKED_EVENT_FLAG_DISABLE
 DESC_EVENT = P.VRING_PACKED_EVENT_FLAG_DESC
 PACK_DESC = P.DESC.pack_into
 PACK_HEAD = struct.Struct("<QIH").pack_into    # addr, len, id: the head's flags come last
+# add_chains3: an indirect table entry's flags << 48 (WRITE only: entries are consecutive,
+# their ids unused), by how many of the three the device reads (FLAGS3)
+_LINKS3 = np.array([[(f & WRITE) << 48 for f in fl] for fl in FLAGS3], np.int64)
 PACK_DESC2 = struct.Struct("<QIHHQIHH").pack_into
 
 
@@ -123,6 +126,7 @@ class PackedVirtqueue(Virtqueue):
         self._consts = tuple(np.full(num, v, np.uint64) for v in (32, (F_AVAIL | F_USED) << 48,
                                                                   0))
         self._lo_consts: dict[tuple[int, int], Any] = {}
+        self._setup_batch_tables(num)
         self.desc_in_len = [0] * num              # its writable bytes (for in-order batches)
         self._lat_np = np.zeros(num, np.int64)
         self.lat_t = memoryview(self._lat_np)     # add time of a sampled buffer, by id
@@ -267,11 +271,6 @@ class PackedVirtqueue(Virtqueue):
         top -= n
         ids = self._stack[top:top + n]
         self._top = top
-        self.desc_data[ids] = tokens if isinstance(tokens, np.ndarray) else np.fromiter(
-            tokens, object, n)
-        self._num_np[ids] = 1
-        num = self.num
-        head = self.next_avail_idx
         flags = self.avail_used_flags | (WRITE if writable else 0)
         lo = ids.astype(np.uint64)
         lo <<= self._consts[0][:n]
@@ -280,6 +279,46 @@ class PackedVirtqueue(Virtqueue):
         else:
             lo |= np.asarray(lens, np.uint64)
             lo |= self._lo_const(0, flags)[:n]
+        self._publish(ids, addrs, lo, tokens)
+        self.n_descs += n
+        return 0
+
+    def add_chains3(self, addrs: Any, lens: Any, n_out: Any,
+                    tokens: Sequence[Any]) -> tuple[int, int]:
+        """Many three-segment chains (see Virtqueue.add_chains3), each into the indirect
+        table of its buffer id with a few numpy operations for the batch, then one ring
+        descriptor each naming its table, made available as add_bufs makes its buffers.
+        Without INDIRECT_DESC, in order, or with the DMA API: one by one."""
+        n = len(tokens)
+        if (not self.indirect or self.in_order or "add_sgs" in self.__dict__ or n == 0
+                or self.broken or self.num_free < n or self._ram_q is None):
+            return Virtqueue.add_chains3(self, addrs, lens, n_out, tokens)
+        top = self._top
+        if top < n:
+            self._take_free_ids()
+            top = self._top
+        ids = self._stack[top - n:top]
+        tables = self._write_tables3(ids, addrs, lens, _LINKS3[n_out])
+        if tables is None:                  # guest memory short: one by one
+            return Virtqueue.add_chains3(self, addrs, lens, n_out, tokens)
+        self._top = top - n
+        lo = ids.astype(np.uint64)
+        lo <<= self._consts[0][:n]
+        lo |= self._lo_const(3 * P.DESC_SIZE, self.avail_used_flags | INDIRECT)[:n]
+        self._publish(ids, tables.astype(np.uint64), lo, tokens)
+        self.n_indirect += n
+        self.n_descs += 4 * n
+        return n, 0
+
+    def _publish(self, ids: Any, addrs: Any, lo: Any, tokens: Sequence[Any]) -> None:
+        """Make a batch available: each descriptor's address, then its len | id | flags
+        word (this lap's AVAIL / USED bits in `lo`), one native store each."""
+        n = len(ids)
+        self.desc_data[ids] = tokens if isinstance(tokens, np.ndarray) else np.fromiter(
+            tokens, object, n)
+        self._num_np[ids] = 1
+        num = self.num
+        head = self.next_avail_idx
         k = min(n, num - head)
         self._w0[head:head + k] = addrs[:k]
         self._w1[head:head + k] = lo[:k]
@@ -295,7 +334,6 @@ class PackedVirtqueue(Virtqueue):
                 pos = n - k
         self.next_avail_idx = pos
         self.num_free -= n
-        self.n_descs += n
         self.num_added += n
         old = self.n_added
         self.n_added = old + n
@@ -305,7 +343,6 @@ class PackedVirtqueue(Virtqueue):
             self._lat_n += 1
         if self.num_added >= 0xFFFF:
             self.kick()
-        return 0
 
     def _link_ids(self) -> None:
         """Put the free stack back into the linked free-ID list, in front (one-buffer
@@ -613,6 +650,6 @@ class PackedVirtqueue(Virtqueue):
 
     def release(self) -> None:
         self._free_indirect_tables()
-        self._w0 = self._w1 = None      # numpy exports of ring_mv go before it is released
+        self._w0 = self._w1 = self._ram_q = None   # numpy exports go before the views
         for v in (self.ring_h, self.ring_i, self.ring_mv, self.drv_ev, self.dev_ev):
             v.release()

@@ -50,7 +50,6 @@ _EMPTY: tuple[list[Any], list[int]] = ([], [])
 _LINKS3 = np.array([[f0 << 32 | 1 << 48, f1 << 32 | 2 << 48, f2 << 32]
                     for f0, f1, f2 in FLAGS3], np.int64)
 _TABLE3_W = np.int64(3 * R.DESC_SIZE | INDIRECT << 32)
-_SIX = np.arange(6, dtype=np.intp)
 
 
 def _last_entry(out_sgs: Sequence[Sg], in_sgs: Sequence[Sg]) -> tuple[int, int, int]:
@@ -102,11 +101,6 @@ class SplitVirtqueue(Virtqueue):
         self._used_np = np.ndarray(num, np.uint64, ram.view(used_addr + 4, 8 * num))
         self.used_event_at = R.avail_h_used_event(num)
         self.avail_event_at = R.used_h_avail_event(num)
-        # add_chains3 writes indirect tables anywhere in RAM: u64 words of the whole of it,
-        # at guest-physical (gpa - base) / 8 (the batch path runs without the DMA API only)
-        mm = getattr(ram, "mm", None)      # (behind an IOMMU, addresses are not RAM's)
-        self._ram_q = None if mm is None else np.ndarray(len(mm) >> 3, np.int64, mm)
-        self._ram_base = getattr(ram, "base", 0)
         self._reset_state()
 
     def reinit(self) -> None:
@@ -150,11 +144,7 @@ class SplitVirtqueue(Virtqueue):
         self._inflight_heads: deque[int] = deque()   # submission order (in-order batches)
         self._batch: deque[tuple[Any, int]] = deque()
         self.desc_in_len = [0] * num                 # writable bytes of each chain
-        # the indirect table of each head (0: none yet), for add_chains3
-        self._table_gpa = np.zeros(num, np.int64)
-        for key, (gpa, _mv) in self._indirect_tables.items():
-            if key < num:
-                self._table_gpa[key] = gpa
+        self._setup_batch_tables(num)
         self._lat_np = np.zeros(num, np.int64)
         self.lat_t = memoryview(self._lat_np)        # add time of a sampled chain, by head
         self.num_free = num
@@ -353,10 +343,6 @@ class SplitVirtqueue(Virtqueue):
         if self.num_added >= R.IDX_MASK:
             self.kick()
 
-    def _table_placed(self, key: int, gpa: int) -> None:
-        if key < len(self._table_gpa):
-            self._table_gpa[key] = gpa
-
     def add_chains3(self, addrs: Any, lens: Any, n_out: Any,
                     tokens: Sequence[Any]) -> tuple[int, int]:
         """Many three-segment chains (see Virtqueue.add_chains3), each into the indirect
@@ -373,22 +359,13 @@ class SplitVirtqueue(Virtqueue):
             self._take_free_list()
             top = self._top
         heads = self._stack[top - n:top]
-        tables = self._table_gpa[heads]
-        if not tables.all():
-            for h in heads[tables == 0].tolist():
-                if self._indirect_table(h) is None:      # guest memory short: one by one
-                    return Virtqueue.add_chains3(self, addrs, lens, n_out, tokens)
-            tables = self._table_gpa[heads]
+        tables = self._write_tables3(heads, addrs, lens, _LINKS3[n_out])
+        if tables is None:                  # guest memory short: one by one
+            return Virtqueue.add_chains3(self, addrs, lens, n_out, tokens)
         top -= n
         self._top = top
         if not top:
             self._run = None
-        # the tables: (addr, len | flags << 32 | next << 48) x 3 per head
-        words = np.empty((n, 6), np.int64)
-        words[:, 0::2] = addrs
-        words[:, 1::2] = lens
-        words[:, 1::2] |= _LINKS3[n_out]
-        self._ram_q[((tables - self._ram_base) >> 3)[:, None] + _SIX] = words
         self._desc_addr[heads] = tables
         self._desc_w[heads] = _TABLE3_W
         self.desc_data[heads] = tokens if isinstance(tokens, np.ndarray) else np.fromiter(

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from vmsim.abi import features as F
 from vmsim.guest.memory import DMA_FROM_DEVICE, DMA_TO_DEVICE, DmaMappingError
 from vmsim.machine.stats import LATENCY_SAMPLE_EVERY, Q, fold_histogram
@@ -31,6 +33,7 @@ Mapping = tuple[int, int, int]
 # Entries of one indirect table. A chain with more segments goes direct (Linux falls back
 # when kmalloc of the table fails).
 INDIRECT_MAX = 16
+_SIX = np.arange(6, dtype=np.intp)
 # Three descriptors in one struct call (a block request: header, data, status).
 PACK_DESC3 = struct.Struct("<" + "QIHH" * 3).pack_into
 _NEXT, _WRITE = 1, 2
@@ -382,14 +385,47 @@ class Virtqueue:
         return table
 
     def _table_placed(self, key: int, gpa: int) -> None:
-        """A new indirect table for `key` (the split ring keeps their addresses in an
-        array for its batch path)."""
+        """A new indirect table for `key`: its address in the batch path's array."""
+        if key < len(self._table_gpa):
+            self._table_gpa[key] = gpa
+
+    def _setup_batch_tables(self, num: int) -> None:
+        """add_chains3's state: the indirect table of each head or buffer id (0: none yet),
+        and u64 words of the whole of RAM to write tables anywhere in it, at
+        (gpa - base) / 8 (None behind an IOMMU, where addresses are not RAM's: the batch
+        path is not taken there)."""
+        ram = self.dma.ram
+        mm = getattr(ram, "mm", None)
+        self._ram_q = None if mm is None else np.ndarray(len(mm) >> 3, np.int64, mm)
+        self._ram_base = getattr(ram, "base", 0)
+        self._table_gpa = np.zeros(num, np.int64)
+        for key, (gpa, _mv) in self._indirect_tables.items():
+            if key < num:
+                self._table_gpa[key] = gpa
+
+    def _write_tables3(self, keys: Any, addrs: Any, lens: Any, links: Any) -> Any:
+        """Write three-entry indirect tables for `keys` (heads or buffer ids): entry j of
+        table i is addrs[i, j], lens[i, j] | links[i, j] (the format's flags and next).
+        Returns the tables' addresses, or None when guest memory is short for a new one."""
+        tables = self._table_gpa[keys]
+        if not tables.all():
+            for k in keys[tables == 0].tolist():
+                if self._indirect_table(k) is None:
+                    return None
+            tables = self._table_gpa[keys]
+        words = np.empty((len(keys), 6), np.int64)
+        words[:, 0::2] = addrs
+        words[:, 1::2] = lens
+        words[:, 1::2] |= links
+        self._ram_q[((tables - self._ram_base) >> 3)[:, None] + _SIX] = words
+        return tables
 
     def _free_indirect_tables(self) -> None:
         for gpa, mv in self._indirect_tables.values():
             mv.release()
             self.dma.free(gpa)
         self._indirect_tables = {}
+        self._table_gpa[:] = 0
 
     def notification_data(self) -> int:
         """The value of a notification with VIRTIO_F_NOTIFICATION_DATA (vqn | next << 16)."""

@@ -84,8 +84,9 @@ class DeviceQueue:
     def pop_batch(self, limit: int = 1 << 16) -> list[DescChain]:
         raise NotImplementedError
 
-    def available(self) -> int:
-        """How many entries the driver has made available that the device has not taken."""
+    def has_at_least(self, k: int) -> bool:
+        """Whether the driver has made at least k entries available that the device has not
+        taken."""
         raise NotImplementedError
 
     def pop_chains3(self, limit: int = 1 << 16) -> Chains3 | None:

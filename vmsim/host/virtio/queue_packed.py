@@ -26,7 +26,7 @@ from vmsim.abi import packed_ring as P
 from vmsim.host.memory import GuestMemory, GuestMemoryError
 from vmsim.host.virtio.chain import MAX_CHAIN_BYTES, DescChain, indirect_table_max
 from vmsim.host.virtio.errors import Reason, RingError
-from vmsim.host.virtio.queue import EMPTY_BUFS, Bufs, DeviceQueue
+from vmsim.host.virtio.queue import EMPTY_BUFS, EMPTY_CHAINS3, Bufs, Chains3, DeviceQueue
 from vmsim.machine.barrier import full_barrier
 
 NEXT = P.VRING_DESC_F_NEXT
@@ -44,12 +44,22 @@ _GT = np.greater
 _NNZ = np.count_nonzero
 UNPACK_DESC3 = struct.Struct("<" + "QIHH" * 3).unpack_from
 PACK_USED = struct.Struct("<IH").pack_into      # len, id (then the flags, alone)
+# pop_chains3's constants as numpy values: a ring descriptor naming a three-entry table has
+# len 48 and INDIRECT without NEXT (its id and the AVAIL / USED bits aside)
+_HEAD_CHK = np.uint64(0xFFFFFFFF | (NEXT | INDIRECT) << 48)
+_HEAD_TABLE3 = np.uint64(48 | INDIRECT << 48)
+_THIRTY_TWO, _FORTY_EIGHT = np.uint64(32), np.uint64(48)
+_ID_MASK, _U32 = np.uint64(0xFFFF), np.uint64(0xFFFFFFFF)
+_SEVEN, _THREE, _ONE = np.uint64(7), np.uint64(3), np.uint64(1)
+_WRITE, _INDIRECT = np.uint64(WRITE), np.uint64(INDIRECT)
+_SIX = np.arange(6, dtype=np.intp)
 
 
 class PackedQueue(DeviceQueue):
     """The device's view of one packed ring."""
 
     ring = "packed"
+    batch3 = True
 
     def __init__(self, mem: GuestMemory, num: int, desc_addr: int, driver_addr: int,
                  device_addr: int, event_idx: bool, indirect: bool,
@@ -106,6 +116,11 @@ class PackedQueue(DeviceQueue):
             0xFFFFFFFF | (NEXT | INDIRECT) << 48, mem.base, 1, WRITE << 48, mem.size - 1,
             mask, F_USED << 48, F_AVAIL << 48, 0, mask, 32))
         self._cuts: dict[int, tuple] = {}
+        # pop_chains3: RAM as u64 words (indirect tables), and its bounds as numpy values
+        self.ram_q_np = np.ndarray(mem.size >> 3, np.uint64, mem.mm)
+        self._base_u = np.uint64(mem.base)
+        self._table_last = np.uint64(max(mem.size - 48, 0))
+        self._ram_last = np.uint64(max(mem.size - 1, 0))
         self._chains = [DescChain(mem) for _ in range(num)]  # by buffer id
         self._pending_used: list[tuple[int, int, int]] = []  # in-order batch: (id, len, ndescs)
         self.dev_ev[P.EVENT_H_OFF_WRAP] = 0
@@ -385,6 +400,87 @@ class PackedQueue(DeviceQueue):
                 out = Bufs(*(np.concatenate(pair) for pair in zip(out, more, strict=True)))
         return out
 
+    def has_at_least(self, k: int) -> bool:
+        """Whether k descriptors are available from the device's position (they are made
+        available in ring order: the k-th one's flags tell)."""
+        pos = self.last_avail_idx + k - 1
+        w = self.avail_wrap_counter
+        if pos >= self.num:
+            pos -= self.num
+            w ^= 1
+            if pos >= self.last_avail_idx:
+                return False
+        return self.ring_h[8 * pos + 7] & (F_AVAIL | F_USED) == (F_AVAIL if w else F_USED)
+
+    def pop_chains3(self, limit: int = 1 << 16) -> Chains3 | None:
+        """Every available buffer (at most `limit`, up to the ring's end) that is one ring
+        descriptor naming a three-entry indirect table, as arrays, validated with numpy
+        operations per batch as pop_batch checks each (flags, the table inside RAM, entries
+        not indirect, readable before writable, non-empty and inside RAM, ids in range,
+        distinct and not in flight). Stops before anything else - a chain in the ring, a
+        fault - and returns None if that is the first, for pop_batch to take or report. The
+        flags words are read first, the addresses and tables after them (TSO)."""
+        pos = self.last_avail_idx
+        num = self.num
+        m = min(num - pos, limit, num - self.inflight)
+        if m <= 0:
+            return None if self.has_work() else EMPTY_CHAINS3
+        w = self.avail_wrap_counter
+        if self.ring_h[8 * pos + 7] & (F_AVAIL | F_USED) != (F_AVAIL if w else F_USED):
+            return None if self._used_by_driver(pos, w) else EMPTY_CHAINS3
+        snap = self._w1[pos:pos + m].copy()
+        cm = self._cut(m)
+        avail = (snap & cm[5]) == cm[7 if w else 6]
+        k = int(avail.argmin())
+        if avail[k]:
+            k = m
+        if k < m:
+            snap = snap[:k]
+        t = self._w0[pos:pos + k] - self._base_u
+        ids = (snap >> _THIRTY_TWO) & _ID_MASK
+        ok = ((snap & _HEAD_CHK) == _HEAD_TABLE3) & (t <= self._table_last) \
+            & ((t & _SEVEN) == 0) & (ids < num)
+        if not self.indirect:
+            ok[:] = False
+        at = np.where(ok, t >> _THREE, 0).astype(np.intp)
+        words = self.ram_q_np[at[:, None] + _SIX]
+        we = words[:, 1::2]                 # len | id << 32 | flags << 48, per entry
+        ln = we & _U32
+        fl = we >> _FORTY_EIGHT
+        off = words[:, ::2] - self._base_u
+        writable = (fl & _WRITE).astype(bool)
+        x = ln - _ONE
+        worst = _MAX(off + x, _MAX(off, x))
+        ok &= ((fl & _INDIRECT) == 0).all(1) & (worst <= self._ram_last).all(1) \
+            & (writable[:, :2] <= writable[:, 1:]).all(1)
+        if self.mem_size > MAX_CHAIN_BYTES // 3:
+            ok &= ln.sum(1) <= MAX_CHAIN_BYTES
+        n = k
+        if not ok.all():
+            n = int((~ok).argmax())
+            if n == 0:
+                return None
+            ids, off, ln, writable = ids[:n], off[:n], ln[:n], writable[:n]
+        ids = ids.astype(np.intp)
+        seen = self._seen
+        seen[ids] = 1
+        bad = _NNZ(seen) != n or _NNZ(self._ifl[ids]) != 0
+        seen[ids] = 0
+        if bad:
+            return None        # an id twice or in flight: pop_batch takes one at a time
+        self._ifl[ids] = 1
+        self._nd_np[ids] = 1
+        pos += n
+        if pos == num:
+            pos = 0
+            self.avail_wrap_counter ^= 1
+        self.last_avail_idx = pos
+        ln = ln.astype(np.int64)
+        self.inflight += n
+        self.n_popped += n
+        self.n_bytes_read += int(ln[~writable].sum())
+        return Chains3(ids, off.astype(np.int64), ln, writable)
+
     def _cut(self, n: int) -> tuple:
         """The constants cut to length n (cached: batches come in few lengths)."""
         c = self._cuts.get(n)
@@ -611,4 +707,4 @@ class PackedQueue(DeviceQueue):
         for v in (self.ring_h, self.ring_i, self.ring_mv, self.drv_ev, self.dev_ev):
             v.release()
         # the numpy views hold exports of the mapping, which must go before it is closed
-        self._w0 = self._w1 = None
+        self._w0 = self._w1 = self.ram_q_np = None

@@ -120,8 +120,8 @@ class SplitQueue(DeviceQueue):
     def has_work(self) -> bool:
         return self.avail_h[R.AVAIL_H_IDX] != self.last_avail_idx
 
-    def available(self) -> int:
-        return (self.avail_h[R.AVAIL_H_IDX] - self.last_avail_idx) & R.IDX_MASK
+    def has_at_least(self, k: int) -> bool:
+        return (self.avail_h[R.AVAIL_H_IDX] - self.last_avail_idx) & R.IDX_MASK >= k
 
     def _avail_heads(self, limit: int) -> np.ndarray | None:
         """The heads of the available entries a batch path may take (at most `limit` and

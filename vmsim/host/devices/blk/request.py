@@ -77,10 +77,9 @@ class BlkRequestHandler:
             return n
         pop3 = ring.pop_chains3
         while True:
-            avail = ring.available()
-            if avail < BATCH_MIN:
+            if not ring.has_at_least(BATCH_MIN):
                 # a few: a batch's numpy operations cost more than these requests' Python
-                chains = ring.pop_batch(max(avail, 1))
+                chains = ring.pop_batch(BATCH_MIN - 1)
                 if not chains:
                     break
                 ring.fill_batch(chains, [execute(c) for c in chains])
