@@ -413,3 +413,40 @@ def test_add_chains3_makes_the_chains_add_sgs_would(indirect, packed):
             mm.close()
         except BufferError:
             pass
+
+
+def test_get_bufs_with_a_limit_hands_out_the_rest_of_an_in_order_batch():
+    """VIRTIO_F_IN_ORDER: one used entry stands for a whole batch, and reading it moves the
+    driver past all of them at once. get_bufs with a smaller limit must hand out the rest on
+    the next call (it once looked at used->idx first, found nothing new, and the rest were
+    never completed: a blk completion loop taking half its window stalled)."""
+    mm = mmap.mmap(-1, 1 << 20)
+    ram = GuestRAM(mm, BASE)
+    dma = DmaMemory(ram)
+    feats = F.bit(F.VIRTIO_F_VERSION_1) | F.bit(F.VIRTIO_F_IN_ORDER)
+    vq = vring_create_virtqueue(0, 16, 4096, dma, feats, lambda _vq: True, lambda _vq: None,
+                                "in-order")
+    mem = GuestMemory(mm, BASE)
+    dev = SplitQueue(mem, 16, vq.desc_addr, vq.avail_addr, vq.used_addr, False, False,
+                     in_order=True)
+    try:
+        bufs = [dma.alloc(64, 64)[0] for _ in range(6)]
+        for i, a in enumerate(bufs):
+            assert vq.add_sgs((), ((a, 64),), i) == 0
+        chains = dev.pop_batch()
+        dev.fill_batch(chains, [8] * len(chains))      # one used entry for all six
+        got = []
+        for limit in (4, 4, 4):
+            toks, _ = vq.get_bufs(limit)
+            got += list(toks)
+        assert got == list(range(6))
+        assert vq.num_free == 16 and not vq.more_used()
+    finally:
+        vq.release()
+        dev.release()
+        mem.release()
+        ram.release()
+        try:
+            mm.close()
+        except BufferError:
+            pass

@@ -441,6 +441,7 @@ class VirtioBlk:
         # buffers (a slow DMA API, a fast device) draining "until empty" would never end,
         # and a submitter blocked on the lock would wait forever.
         chunk = max(1, min(COMPLETION_CHUNK, len(q.slots)))
+        nslots = len(q.slots)
         waiting = q.waiting
         irqc = self.irqc
         slice_end = time.monotonic_ns() + SLICE_NS
@@ -452,7 +453,9 @@ class VirtioBlk:
                     # what is used, at most `chunk` (one read of used->idx, a batch
                     # detach): the hooks then send the next requests at once, so the
                     # device has work while this side completes the next chunk
-                    reqs, _ = get_bufs(chunk)
+                    # (half of what is in flight at most: taking a whole window at once
+                    # made the two sides take turns, each idle while the other worked)
+                    reqs, _ = get_bufs(max(8, min(chunk, (nslots - len(free)) >> 1)))
                     n = k = len(reqs)
                     if k:
                         tags = np.fromiter(map(_TAG, reqs), np.intp, k)

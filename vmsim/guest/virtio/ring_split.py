@@ -411,13 +411,15 @@ class SplitVirtqueue(Virtqueue):
         operations, its tokens returned as an array of objects (add_bufs takes it back as
         it is); anything else (chains, in-order batches, DMA-mapped buffers) goes one by
         one."""
+        if self._batch:
+            # an in-order batch read but not all handed out yet: used->idx is already past it
+            return Virtqueue.get_bufs(self, limit)
         last = self.last_used_idx
         seen = self.used_h[R.USED_H_IDX]
         n = (seen - last) & R.IDX_MASK
         if n == 0:
             return _EMPTY
-        if (self._batch or self.in_order or self._chains_out or "get_buf" in self.__dict__
-                or self.broken):
+        if self.in_order or self._chains_out or "get_buf" in self.__dict__ or self.broken:
             return Virtqueue.get_bufs(self, limit)
         if n > limit:
             n = limit

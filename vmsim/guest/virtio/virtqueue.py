@@ -131,9 +131,16 @@ class Virtqueue:
             n_out.tolist() if hasattr(n_out, "tolist") else n_out)
         add = self.add_sgs
         for i in range(n):
-            segs = list(zip(al[i], ll[i], strict=True))
+            (a0, a1, a2), (l0, l1, l2) = al[i], ll[i]
             k = outs[i]
-            err = add(segs[:k], segs[k:], tokens[i])
+            # (tuples built directly: this runs once per chain)
+            if k == 1:
+                err = add(((a0, l0),), ((a1, l1), (a2, l2)), tokens[i])
+            elif k == 2:
+                err = add(((a0, l0), (a1, l1)), ((a2, l2),), tokens[i])
+            else:
+                segs = ((a0, l0), (a1, l1), (a2, l2))
+                err = add(segs[:k], segs[k:], tokens[i])
             if err:
                 return i, err
         return n, 0
