@@ -176,17 +176,25 @@ class BlkRequestHandler:
         m = self.metrics
         rd = reads[rows]
         ok = np.ones(len(rows), bool)
-        todo = zip(rd.tolist(), off[rows, 1].tolist(), pos[rows].tolist(),
-                   dlen[rows].tolist(), strict=True)
+        at_l, p_l, n_l = off[rows, 1].tolist(), pos[rows].tolist(), dlen[rows].tolist()
+        nr = int(np.count_nonzero(rd))
         if mem is not None:                 # a RAM disk: one copy each, no call
-            for r, at_, p, n in todo:
-                if r:
+            if nr == len(rows):             # (all reads, or all writes: the loop alone)
+                for at_, p, n in zip(at_l, p_l, n_l, strict=True):
                     ram[at_:at_ + n] = mem[p:p + n]
-                else:
+            elif nr == 0:
+                for at_, p, n in zip(at_l, p_l, n_l, strict=True):
                     mem[p:p + n] = ram[at_:at_ + n]
+            else:
+                for r, at_, p, n in zip(rd.tolist(), at_l, p_l, n_l, strict=True):
+                    if r:
+                        ram[at_:at_ + n] = mem[p:p + n]
+                    else:
+                        mem[p:p + n] = ram[at_:at_ + n]
         else:                               # a file, a faulty disk: a backend call each
             read_one, write_one = self.backend.read_one, self.backend.write_one
-            for x, (r, at_, p, n) in enumerate(todo):
+            for x, (r, at_, p, n) in enumerate(zip(rd.tolist(), at_l, p_l, n_l,
+                                                   strict=True)):
                 try:
                     (read_one if r else write_one)(p, ram, at_, n)
                 except OSError:
