@@ -426,7 +426,10 @@ class VirtioBlk:
 
         Completions run under the queue's (re-entrant) lock, as in Linux; a completion
         callback may submit again at once (the slot it freed), and those submissions are
-        plugged: one kick decision for the batch."""
+        plugged: one kick decision for the batch. Requests queued by submit_batch complete
+        with one call of their batch callback per turn. After SLICE_NS the loop leaves the
+        rest to the interrupt thread (callbacks still off) and is resumed from there once
+        other devices' interrupts have run (`resumed`)."""
         q: BlkQueue = vq.priv
         lock = q.lock
         free = q.free
