@@ -330,14 +330,27 @@ class Guest:
             result, ok = f"{type(e).__name__}: {e}", False
         self.lch.send(("reply", rid, ok, result))
 
+    def _host_gone(self) -> bool:
+        p = select.poll()
+        p.register(self.trap.fileno(), select.POLLRDHUP)
+        return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+                   for _fd, ev in p.poll(0))
+
     def wait_for_stop(self) -> None:
         """Until the launcher says stop; tell it once when every workload has finished."""
         p = select.poll()
         p.register(self.lch.fileno(), select.POLLIN)
         p.register(self.trap.fileno(), select.POLLRDHUP)
         told_done = False
+        trap_fd = self.trap.fileno()
         while True:
-            for fd, ev in p.poll(PUBLISH_EVERY_MS):
+            events = p.poll(PUBLISH_EVERY_MS)
+            # the host's end first: a stop that comes with it must not start a drain that
+            # waits for requests a dead host will never complete
+            if any(fd == trap_fd and ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+                   for fd, ev in events):
+                raise HostGone("the host closed this VM's trap channel")
+            for fd, ev in events:
                 if fd == self.lch.fileno():
                     msg = self.lch.recv_obj()
                     if msg and msg[0] == "stop":
@@ -366,8 +379,14 @@ class Guest:
             w.stop()
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         for w in self.workloads:
-            if not w.idle_event.wait(max(0.0, deadline - time.monotonic())):
-                w.error(f"{w.in_flight} requests still in flight after {DRAIN_TIMEOUT_S} s")
+            # in steps, looking at the trap channel: with the host gone (killed as the stop
+            # came) nothing in flight will complete, and the guest fails now, not in 5 s
+            while not w.idle_event.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+                if self._host_gone():
+                    raise HostGone("the host closed this VM's trap channel")
+                if time.monotonic() >= deadline:
+                    w.error(f"{w.in_flight} requests still in flight after {DRAIN_TIMEOUT_S} s")
+                    break
         self.publish()
         for name, vdev in self.devices.items():
             if vdev.priv is not None and hasattr(vdev.priv, "describe"):
