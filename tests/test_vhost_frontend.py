@@ -408,7 +408,11 @@ def test_vhost_scaling_bench_measures_both_ways(tmp_path, monkeypatch):
     rs = [run_case(1, False, 0.5), run_case(1, True, 0.5)]
     for r in rs:
         assert r["requests"] > 100 and r["requests_per_s"] > 0, r
-        assert r["guest_cpu_us_per_request"] > 0 and r["host_cpu_us_per_request"] > 0, r
+        assert r["guest_cpu_us_per_request"] > 0, r
+    # In-process the host serves the rings; over vhost-user it only relays the (rare, with
+    # event index and polling) interrupts and may use less than /proc's 10 ms tick in 0.5 s.
+    assert rs[0]["host_cpu_us_per_request"] > 0, rs[0]
+    assert rs[1]["host_cpu_us_per_request"] >= 0, rs[1]
     assert rs[0]["backend_cpu_us_per_request"] == 0
     assert rs[1]["backend_cpu_us_per_request"] > 0
     assert len(format_table(rs)) == 3
