@@ -144,10 +144,18 @@ class BlkRequestHandler:
                     ring.push_used(heads[i:j], written[i:j])
                     i = j
                 return written
-        self._move(0, k, reads, off, pos, dlen, off[:, 2], written, answered)
-        if not answered.all():
+        if answered.all():
+            self._move(0, k, reads, off, pos, dlen, off[:, 2], written)
+        else:
+            # in ring order, as execute would take them one by one: the checked ones before
+            # the first odd request together, then each after it by itself
+            first = int((~answered).argmax())
+            self._move(0, first, reads, off, pos, dlen, off[:, 2], written)
             chain = self.scratch
-            for i in np.flatnonzero(~answered).tolist():
+            for i in range(first, k):
+                if answered[i]:
+                    self._move(i, i + 1, reads, off, pos, dlen, off[:, 2], written)
+                    continue
                 w = wr[i].tolist()
                 o = off[i].tolist()
                 n = ln[i].tolist()
@@ -163,14 +171,12 @@ class BlkRequestHandler:
         return written
 
     def _move(self, i: int, j: int, reads: np.ndarray, off: np.ndarray, pos: np.ndarray,
-              dlen: np.ndarray, status_of: np.ndarray, written: np.ndarray,
-              answered: np.ndarray | None = None) -> None:
-        """The data of the checked reads and writes among rows [i, j) (all of them when
-        `answered` is None, else those it marks), then their status bytes: OK, or IOERR
-        where the backend failed (written is then 1)."""
-        rows = np.arange(i, j) if answered is None else np.flatnonzero(answered[i:j]) + i
-        if not len(rows):
+              dlen: np.ndarray, status_of: np.ndarray, written: np.ndarray) -> None:
+        """The data of rows [i, j), checked reads and writes all, then their status bytes:
+        OK, or IOERR where the backend failed (written is then 1)."""
+        if j <= i:
             return
+        rows = np.arange(i, j)
         ram = self.ram
         mem = self.backend.mem
         m = self.metrics
