@@ -53,6 +53,7 @@ _ID_MASK, _U32 = np.uint64(0xFFFF), np.uint64(0xFFFFFFFF)
 _SEVEN, _THREE, _ONE = np.uint64(7), np.uint64(3), np.uint64(1)
 _WRITE, _INDIRECT = np.uint64(WRITE), np.uint64(INDIRECT)
 _SIX = np.arange(6, dtype=np.intp)
+_NO_WORDS = np.zeros(0, np.uint64)
 
 
 class PackedQueue(DeviceQueue):
@@ -340,28 +341,13 @@ class PackedQueue(DeviceQueue):
         together, each word one native load); the addresses after them (TSO keeps loads in
         order). Stops before anything else - a chain, a fault - and returns None if that is
         the first, for pop_batch to take or report."""
+        snap = self._avail_run(limit)
+        if snap is None or not len(snap):
+            return EMPTY_BUFS if snap is not None else None
         pos = self.last_avail_idx
         num = self.num
-        room = num - self.inflight
-        m = min(num - pos, limit, room)
-        if m <= 0:
-            return None if self.has_work() else EMPTY_BUFS
-        w = self.avail_wrap_counter
-        # One native load of the next descriptor's flags first: a polling device mostly finds
-        # nothing, and this answers that for a tenth of the batch check's cost.
-        if self.ring_h[8 * pos + 7] & (F_AVAIL | F_USED) != (F_AVAIL if w else F_USED):
-            return None if self._used_by_driver(pos, w) else EMPTY_BUFS
-        snap = self._w1[pos:pos + m].copy()
-        cm = self._cut(m)
-        avail = (snap & cm[5]) == cm[7 if w else 6]
-        k = int(avail.argmin())
-        if avail[k]:
-            k = m
-        if k == 0:
-            return None if self.has_work() or self._used_by_driver(pos, w) else EMPTY_BUFS
-        if k < m:
-            snap = snap[:k]
-            cm = self._cut(k)
+        k = len(snap)
+        cm = self._cut(k)
         c_chk, c_base, c_one, c_write, c_last = cm[:5]
         addr = self._w0[pos:pos + k]
         # x = len - 1 for a valid buffer (an empty one wraps to huge; NEXT or INDIRECT make
@@ -400,6 +386,26 @@ class PackedQueue(DeviceQueue):
                 out = Bufs(*(np.concatenate(pair) for pair in zip(out, more, strict=True)))
         return out
 
+    def _avail_run(self, limit: int) -> np.ndarray | None:
+        """The len | id | flags words of the available run from the device's position (at
+        most `limit`, the ring's room, and up to the ring's end), copied once; empty when
+        nothing is available; None when the next entry is already a fault, for pop_batch to
+        name. The batch paths read these first, the addresses after them (TSO)."""
+        pos = self.last_avail_idx
+        m = min(self.num - pos, limit, self.num - self.inflight)
+        if m <= 0:
+            return None if self.has_work() else _NO_WORDS
+        w = self.avail_wrap_counter
+        # One native load of the next descriptor's flags first: a polling device mostly finds
+        # nothing, and this answers that for a tenth of the batch check's cost.
+        if self.ring_h[8 * pos + 7] & (F_AVAIL | F_USED) != (F_AVAIL if w else F_USED):
+            return None if self._used_by_driver(pos, w) else _NO_WORDS
+        snap = self._w1[pos:pos + m].copy()
+        cm = self._cut(m)
+        avail = (snap & cm[5]) == cm[7 if w else 6]
+        k = int(avail.argmin())
+        return snap if avail[k] else snap[:k]      # (k >= 1: the first one is available)
+
     def has_at_least(self, k: int) -> bool:
         """Whether k descriptors are available from the device's position (they are made
         available in ring order: the k-th one's flags tell)."""
@@ -420,22 +426,12 @@ class PackedQueue(DeviceQueue):
         distinct and not in flight). Stops before anything else - a chain in the ring, a
         fault - and returns None if that is the first, for pop_batch to take or report. The
         flags words are read first, the addresses and tables after them (TSO)."""
+        snap = self._avail_run(limit)
+        if snap is None or not len(snap):
+            return EMPTY_CHAINS3 if snap is not None else None
         pos = self.last_avail_idx
         num = self.num
-        m = min(num - pos, limit, num - self.inflight)
-        if m <= 0:
-            return None if self.has_work() else EMPTY_CHAINS3
-        w = self.avail_wrap_counter
-        if self.ring_h[8 * pos + 7] & (F_AVAIL | F_USED) != (F_AVAIL if w else F_USED):
-            return None if self._used_by_driver(pos, w) else EMPTY_CHAINS3
-        snap = self._w1[pos:pos + m].copy()
-        cm = self._cut(m)
-        avail = (snap & cm[5]) == cm[7 if w else 6]
-        k = int(avail.argmin())
-        if avail[k]:
-            k = m
-        if k < m:
-            snap = snap[:k]
+        k = len(snap)
         t = self._w0[pos:pos + k] - self._base_u
         ids = (snap >> _THIRTY_TWO) & _ID_MASK
         ok = ((snap & _HEAD_CHK) == _HEAD_TABLE3) & (t <= self._table_last) \
